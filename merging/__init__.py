@@ -1,0 +1,42 @@
+"""Importance-based token merging: pure torch, no ComfyUI.
+
+- :mod:`merging.importance`: importance maps from cond/uncond outputs.
+- :mod:`merging.grids`: token grids of UNet levels, DiT patches and videos; pooling a map onto them.
+- :mod:`merging.partition`: importance-based and random-grid partitions, merge and unmerge.
+"""
+from .grids import TokenGrid, find_unet_level, pool_to_grid
+from .importance import importance_map, rows_for_samples
+from .partition import (
+    DST_MODES,
+    MERGE_MODES,
+    ImportanceConfig,
+    MergeSizes,
+    Partition,
+    RandomGridConfig,
+    TokenRole,
+    importance_partition,
+    make_partition,
+    max_ratio,
+    plan_sizes,
+    random_grid_partition,
+)
+
+__all__ = [
+    "DST_MODES",
+    "MERGE_MODES",
+    "ImportanceConfig",
+    "MergeSizes",
+    "Partition",
+    "RandomGridConfig",
+    "TokenGrid",
+    "TokenRole",
+    "find_unet_level",
+    "importance_map",
+    "importance_partition",
+    "make_partition",
+    "max_ratio",
+    "plan_sizes",
+    "pool_to_grid",
+    "random_grid_partition",
+    "rows_for_samples",
+]

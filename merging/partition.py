@@ -1,0 +1,384 @@
+"""Token partitions: which tokens stay, which are merged, and into which destination.
+
+Two partitioners share one result type, :class:`Partition`:
+
+* :func:`importance_partition`, the paper's method. The ``M = (N - r) * pool_scale`` most important tokens form a
+  pool; ``K = N * dst_fraction`` destinations are drawn from it; every token outside the pool is merged into its most
+  similar destination; then the most similar important sources, until ``r`` tokens are merged; the other pool tokens
+  stay as independent tokens.
+* :func:`random_grid_partition`, ToMe's baseline: one random destination per ``stride_y × stride_x`` cell, the ``r``
+  sources most similar to a destination are merged.
+
+A partition is computed once per sample (all rows of a sample, such as its cond and uncond rows, share it) and then
+applied to any number of tensors with :meth:`Partition.merge` and :meth:`Partition.unmerge`, which are a single
+scatter / gather each. Merged sequences are ordered ``[independent tokens; destinations]``.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .grids import TokenGrid
+from .importance import rows_for_samples
+
+DstMode = Literal["random", "top", "evenly"]
+MergeMode = Literal["mean", "prune"]
+DST_MODES = ("random", "top", "evenly")
+MERGE_MODES = ("mean", "prune")
+
+
+class TokenRole(enum.IntEnum):
+    """What a partition does with a token (values of :attr:`Partition.roles`)."""
+
+    INDEPENDENT = 0  # kept, attends as itself
+    DESTINATION = 1  # kept, and receives merged tokens
+    MERGED = 2  # removed; gets its destination's output on unmerge
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """Settings of the importance-based partition (the paper's defaults for SD)."""
+
+    ratio: float
+    dst_fraction: float = 0.25
+    pool_scale: float = 1.4
+    dst_mode: DstMode = "random"
+    chunk_size: int = 8192  # source rows per similarity chunk; 0 = no chunking. Same result either way.
+
+
+@dataclass(frozen=True)
+class RandomGridConfig:
+    """Settings of ToMe's random 2-D grid partition."""
+
+    ratio: float
+    stride_x: int = 2
+    stride_y: int = 2
+    chunk_size: int = 8192
+
+
+PartitionConfig = Union[ImportanceConfig, RandomGridConfig]
+
+
+class MergeSizes(NamedTuple):
+    """Token counts of a partition of ``num_tokens`` tokens."""
+
+    num_tokens: int  # N
+    num_removed: int  # r: tokens merged away
+    num_dst: int  # K
+    pool_size: int  # M (importance) or K (random grid)
+
+    @property
+    def num_kept(self) -> int:
+        return self.num_tokens - self.num_removed
+
+
+def _check_ratio(ratio: float) -> None:
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+
+
+def max_ratio(config: PartitionConfig) -> float:
+    """Largest ratio the other settings allow (before integer rounding); the node's sliders stop here."""
+    if isinstance(config, ImportanceConfig):
+        return min(1.0 - config.dst_fraction, 1.0 - config.dst_fraction / config.pool_scale)
+    return 1.0 - 1.0 / (config.stride_x * config.stride_y)
+
+
+def plan_sizes(num_tokens: int, config: PartitionConfig, grid: Optional[TokenGrid] = None) -> MergeSizes:
+    """Token counts for ``num_tokens`` tokens, or ``ValueError`` naming the parameter that is out of range.
+
+    ``r == 0`` (nothing to merge: ratio 0 or too few tokens) is valid and means identity.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"cannot partition an empty token grid (num_tokens={num_tokens})")
+    _check_ratio(config.ratio)
+    r = int(num_tokens * config.ratio)
+    if isinstance(config, ImportanceConfig):
+        if not 0.0 < config.dst_fraction < 1.0:
+            raise ValueError(f"dst_fraction must be in (0, 1), got {config.dst_fraction!r}")
+        if not config.pool_scale >= 1.0:
+            raise ValueError(f"pool_scale must be >= 1, got {config.pool_scale!r}")
+        if config.dst_mode not in DST_MODES:
+            raise ValueError(f"dst_mode must be one of {DST_MODES}, got {config.dst_mode!r}")
+        k = max(1, int(num_tokens * config.dst_fraction))
+        m = min(int((num_tokens - r) * config.pool_scale), num_tokens)
+        if r == 0:
+            return MergeSizes(num_tokens, 0, k, m)
+        limit = f"{max_ratio(config):.3f} for dst_fraction={config.dst_fraction} and pool_scale={config.pool_scale}"
+        if r > num_tokens - k:
+            raise ValueError(f"ratio={config.ratio} removes more tokens than there are sources; the maximum is {limit}")
+        if m < k:
+            raise ValueError(f"ratio={config.ratio} leaves a pool smaller than the destinations; the maximum is {limit}")
+        return MergeSizes(num_tokens, r, k, m)
+    if config.stride_x < 1 or config.stride_y < 1:
+        raise ValueError(f"strides must be >= 1, got stride_x={config.stride_x}, stride_y={config.stride_y}")
+    if grid is None or grid.num_tokens != num_tokens:
+        raise ValueError(f"random_grid_partition needs the token grid of the {num_tokens} tokens, got {grid}")
+    k = grid.frames * (grid.height // config.stride_y) * (grid.width // config.stride_x)
+    if r == 0:
+        return MergeSizes(num_tokens, 0, k, k)
+    if k < 1:
+        raise ValueError(f"a {grid.height}x{grid.width} grid has no full {config.stride_y}x{config.stride_x} cell")
+    if r > num_tokens - k:
+        raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - k} source tokens of this grid; "
+                         f"the maximum is {(num_tokens - k) / num_tokens:.3f}")
+    return MergeSizes(num_tokens, r, k, k)
+
+
+@dataclass(frozen=True, eq=False)
+class Partition:
+    """A computed split of ``N`` tokens into ``N - r`` slots, for every row of a batch.
+
+    Attributes:
+        sizes: token counts.
+        slot_of_token: [B, N] long, the merged-sequence slot of each token (merged tokens point at their destination).
+        kept_tokens: [B, N - r] long, the token held by each slot (independent tokens first, then destinations).
+        slot_counts: [B, N - r, 1] float32, how many tokens each slot stands for (for mean merging).
+        roles: [S, N] uint8 :class:`TokenRole` per sample (for visualisation).
+        row_sample: [B] long, the sample of each batch row.
+    """
+
+    sizes: MergeSizes
+    slot_of_token: Optional[torch.Tensor]
+    kept_tokens: Optional[torch.Tensor]
+    slot_counts: Optional[torch.Tensor]
+    roles: torch.Tensor
+    row_sample: torch.Tensor
+
+    @property
+    def is_identity(self) -> bool:
+        return self.sizes.num_removed == 0
+
+    def merge(self, x: torch.Tensor, mode: MergeMode = "mean") -> torch.Tensor:
+        """[B, N, C] → [B, N - r, C]: ``mean`` averages each destination with its merged tokens, ``prune`` drops them."""
+        if self.is_identity:
+            return x
+        self._check(x, self.sizes.num_tokens)
+        batch, _, channels = x.shape
+        if mode == "prune":
+            return x.gather(1, self.kept_tokens[:, :, None].expand(batch, -1, channels))
+        if mode != "mean":
+            raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
+        index = self.slot_of_token[:, :, None].expand(batch, -1, channels)
+        summed = x.new_zeros(batch, self.sizes.num_kept, channels).scatter_add_(1, index, x)
+        return summed / self.slot_counts.to(x.dtype)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, N - r, C] → [B, N, C]: each token gets its slot's value (merged tokens copy their destination)."""
+        if self.is_identity:
+            return y
+        self._check(y, self.sizes.num_kept)
+        batch, _, channels = y.shape
+        return y.gather(1, self.slot_of_token[:, :, None].expand(batch, -1, channels))
+
+    def _check(self, x: torch.Tensor, length: int) -> None:
+        rows = self.slot_of_token.shape[0]
+        if x.ndim != 3 or x.shape[0] != rows or x.shape[1] != length:
+            raise ValueError(f"expected a [{rows}, {length}, C] tensor for this partition, got {tuple(x.shape)}")
+
+
+def importance_partition(
+    metric: torch.Tensor,
+    importance: torch.Tensor,
+    config: ImportanceConfig,
+    *,
+    row_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Partition:
+    """The paper's importance-guided partition.
+
+    Args:
+        metric: [B, N, C] block features; cosine similarity on them picks each source's destination.
+        importance: [S, N] (or [S, ...] with N positions, e.g. from :func:`merging.grids.pool_to_grid`), one map per
+            sample; higher = more important.
+        config: sizes and modes.
+        row_sample: [B] long, the sample (row of ``importance``) of each batch row. Default: the batch repeats its
+            samples in blocks (``[uncond; cond]``), row ``i`` → sample ``i % S``.
+        generator: source of randomness for ``dst_mode="random"`` (default: a fresh generator seeded with 0).
+    """
+    batch, num_tokens, _ = _check_metric(metric)
+    scores_map = importance.reshape(importance.shape[0], -1)
+    if scores_map.shape[1] != num_tokens:
+        raise ValueError(f"importance map has {scores_map.shape[1]} positions per sample but the block has {num_tokens} tokens")
+    num_samples = scores_map.shape[0]
+    sizes = plan_sizes(num_tokens, config)
+    row_sample = _resolve_rows(batch, num_samples, row_sample, metric.device)
+    device = metric.device
+    if sizes.num_removed == 0:
+        return _identity(sizes, num_samples, row_sample)
+    k, m = sizes.num_dst, sizes.pool_size
+    order = torch.argsort(scores_map.to(device=device, dtype=torch.float32), dim=1, descending=True, stable=True)
+    if config.dst_mode == "random":
+        picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
+        pool_pos = picks.argsort(dim=1)[:, :k].to(device)
+    elif config.dst_mode == "top":
+        pool_pos = torch.arange(k, device=device).expand(num_samples, k)
+    else:  # evenly spaced through the importance-ranked pool
+        pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
+    dst = order.gather(1, pool_pos)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m))
+
+
+def random_grid_partition(
+    metric: torch.Tensor,
+    grid: TokenGrid,
+    config: RandomGridConfig,
+    *,
+    row_sample: Optional[torch.Tensor] = None,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Partition:
+    """ToMe's baseline: a random destination in each ``stride_y × stride_x`` cell of every frame, the same for all
+    samples; the ``r`` sources most similar to a destination are merged into it. Uses no importance map.
+
+    ``num_samples`` defaults to the batch size (each row its own sample) unless ``row_sample`` says otherwise.
+    """
+    batch, num_tokens, _ = _check_metric(metric)
+    sizes = plan_sizes(num_tokens, config, grid)
+    if num_samples is None:
+        num_samples = int(row_sample.max()) + 1 if row_sample is not None else batch
+    row_sample = _resolve_rows(batch, num_samples, row_sample, metric.device)
+    if sizes.num_removed == 0:
+        return _identity(sizes, num_samples, row_sample)
+    sx, sy = config.stride_x, config.stride_y
+    cells_h, cells_w = grid.height // sy, grid.width // sx
+    pick = torch.randint(sx * sy, (grid.frames, cells_h, cells_w), generator=_generator(generator), device=_gen_device(generator))
+    pick = pick.to(metric.device)
+    frame = torch.arange(grid.frames, device=metric.device)[:, None, None]
+    row = torch.arange(cells_h, device=metric.device)[None, :, None] * sy + pick // sx
+    col = torch.arange(cells_w, device=metric.device)[None, None, :] * sx + pick % sx
+    dst = ((frame * grid.height + row) * grid.width + col).reshape(1, -1).expand(num_samples, -1)
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=None)
+
+
+def make_partition(
+    metric: torch.Tensor,
+    config: PartitionConfig,
+    *,
+    grid: Optional[TokenGrid] = None,
+    importance: Optional[torch.Tensor] = None,
+    row_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Partition:
+    """One entry point for both partitioners: the config's type picks the method."""
+    if isinstance(config, ImportanceConfig):
+        if importance is None:
+            raise ValueError("an ImportanceConfig needs an importance map")
+        return importance_partition(metric, importance, config, row_sample=row_sample, generator=generator)
+    if isinstance(config, RandomGridConfig):
+        if grid is None:
+            raise ValueError("a RandomGridConfig needs the token grid")
+        samples = importance.shape[0] if importance is not None else None
+        return random_grid_partition(metric, grid, config, row_sample=row_sample, num_samples=samples, generator=generator)
+    raise TypeError(f"unknown partition config {type(config).__name__}")
+
+
+# --- internals -------------------------------------------------------------------------------------------------------
+
+
+def _check_metric(metric: torch.Tensor) -> tuple:
+    if metric.ndim != 3:
+        raise ValueError(f"metric must be [B, N, C], got shape {tuple(metric.shape)}")
+    return tuple(metric.shape)
+
+
+def _generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    if generator is not None:
+        return generator
+    fresh = torch.Generator()
+    fresh.manual_seed(0)
+    return fresh
+
+
+def _gen_device(generator: Optional[torch.Generator]) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _resolve_rows(batch: int, num_samples: int, row_sample: Optional[torch.Tensor], device) -> torch.Tensor:
+    if row_sample is None:
+        return rows_for_samples(batch, num_samples, device)
+    row_sample = torch.as_tensor(row_sample, device=device, dtype=torch.long)
+    if row_sample.shape != (batch,):
+        raise ValueError(f"row_sample must have one entry per batch row ({batch}), got shape {tuple(row_sample.shape)}")
+    if batch and (int(row_sample.min()) < 0 or int(row_sample.max()) >= num_samples):
+        raise ValueError(f"row_sample values must be in [0, {num_samples}), got {row_sample.tolist()}")
+    return row_sample
+
+
+def _identity(sizes: MergeSizes, num_samples: int, row_sample: torch.Tensor) -> Partition:
+    roles = torch.zeros(num_samples, sizes.num_tokens, dtype=torch.uint8, device=row_sample.device)
+    return Partition(sizes, None, None, None, roles, row_sample)
+
+
+def _sample_features(metric: torch.Tensor, row_sample: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """[S, N, C] unit features per sample: the normalised mean direction of the sample's rows."""
+    dtype = metric.dtype if metric.is_cuda else torch.float32
+    feats = F.normalize(metric.to(dtype), dim=-1)
+    if metric.shape[0] == num_samples and torch.equal(row_sample, torch.arange(num_samples, device=row_sample.device)):
+        return feats
+    summed = feats.new_zeros((num_samples,) + tuple(feats.shape[1:])).index_add_(0, row_sample, feats)
+    return F.normalize(summed, dim=-1)
+
+
+def _best_match(src: torch.Tensor, dst: torch.Tensor, chunk_size: int) -> tuple:
+    """Per source row, the best cosine score over destinations and its index; chunked over sources."""
+    step = src.shape[1] if chunk_size <= 0 else chunk_size
+    scores, index = [], []
+    dst_t = dst.transpose(1, 2)
+    for start in range(0, src.shape[1], step):
+        best = torch.bmm(src[:, start:start + step], dst_t).max(dim=-1)
+        scores.append(best.values)
+        index.append(best.indices)
+    return torch.cat(scores, 1).float(), torch.cat(index, 1)
+
+
+def _assemble(
+    metric: torch.Tensor,
+    dst: torch.Tensor,
+    sizes: MergeSizes,
+    row_sample: torch.Tensor,
+    chunk_size: int,
+    forced_rank: Optional[tuple],
+) -> Partition:
+    """Match sources to destinations ``dst`` [S, K] and build the slot layout."""
+    num_samples, k = dst.shape
+    n, r = sizes.num_tokens, sizes.num_removed
+    device = metric.device
+    is_dst = torch.zeros(num_samples, n, dtype=torch.bool, device=device).scatter_(1, dst, True)
+    src = torch.argsort(is_dst.to(torch.uint8), dim=1, stable=True)[:, : n - k]  # non-destinations, ascending
+    feats = _sample_features(metric, row_sample, num_samples)
+    channels = feats.shape[-1]
+    src_feats = feats.gather(1, src[:, :, None].expand(-1, -1, channels))
+    dst_feats = feats.gather(1, dst[:, :, None].expand(-1, -1, channels))
+    score, match = _best_match(src_feats, dst_feats, chunk_size)
+    if forced_rank is not None:
+        rank, pool_size = forced_rank
+        score = torch.where(rank.gather(1, src) >= pool_size, torch.full_like(score, math.inf), score)
+    by_score = torch.argsort(score, dim=1, descending=True, stable=True)
+    merged_pos, indep_pos = by_score[:, :r], by_score[:, r:]
+    merged = src.gather(1, merged_pos)
+    independent = src.gather(1, indep_pos)
+    num_indep = n - k - r
+    kept = torch.cat([independent, dst], dim=1)  # [S, N - r]
+    slots = torch.arange(n - r, device=device).expand(num_samples, -1)
+    slot_of_token = torch.empty(num_samples, n, dtype=torch.long, device=device)
+    slot_of_token.scatter_(1, kept, slots).scatter_(1, merged, num_indep + match.gather(1, merged_pos))
+    counts = torch.zeros(num_samples, n - r, device=device).scatter_add_(
+        1, slot_of_token, torch.ones(num_samples, n, device=device)
+    )
+    roles = torch.full((num_samples, n), int(TokenRole.INDEPENDENT), dtype=torch.uint8, device=device)
+    roles.scatter_(1, dst, int(TokenRole.DESTINATION)).scatter_(1, merged, int(TokenRole.MERGED))
+    return Partition(
+        sizes=sizes,
+        slot_of_token=slot_of_token[row_sample],
+        kept_tokens=kept[row_sample],
+        slot_counts=counts[row_sample][:, :, None],
+        roles=roles,
+        row_sample=row_sample,
+    )

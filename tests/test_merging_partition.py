@@ -1,0 +1,284 @@
+"""Properties and known answers of merging/ (pure torch; no ComfyUI needed)."""
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from merging import (
+    ImportanceConfig,
+    RandomGridConfig,
+    TokenGrid,
+    TokenRole,
+    importance_partition,
+    make_partition,
+    max_ratio,
+    plan_sizes,
+    random_grid_partition,
+)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _gen(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+@st.composite
+def importance_cases(draw):
+    h = draw(st.integers(2, 12))
+    w = draw(st.integers(2, 12))
+    samples = draw(st.integers(1, 3))
+    copies = draw(st.integers(1, 2))
+    dst_fraction = draw(st.sampled_from([0.1, 0.25, 0.4]))
+    pool_scale = draw(st.sampled_from([1.0, 1.2, 1.4, 2.0]))
+    ratio = draw(st.floats(0.0, max_ratio(ImportanceConfig(0.0, dst_fraction, pool_scale)) - 0.02))
+    mode = draw(st.sampled_from(["random", "top", "evenly"]))
+    seed = draw(st.integers(0, 2**16))
+    return h, w, samples, copies, ImportanceConfig(ratio, dst_fraction, pool_scale, mode), seed
+
+
+def _make(h, w, samples, copies, config, seed, channels=6):
+    g = _gen(seed)
+    metric = torch.randn(samples * copies, h * w, channels, generator=g)
+    importance = torch.rand(samples, h, w, generator=g)
+    return metric, importance
+
+
+@settings(max_examples=150, deadline=None)
+@given(importance_cases())
+def test_merge_unmerge_properties(case):
+    h, w, samples, copies, config, seed = case
+    n = h * w
+    try:
+        plan_sizes(n, config)
+    except ValueError:  # integer rounding can push a ratio near the limit over it on tiny grids
+        assume(False)
+    metric, importance = _make(h, w, samples, copies, config, seed)
+    part = importance_partition(metric, importance, config, generator=_gen(seed))
+    r = int(n * config.ratio)
+    assert part.sizes.num_removed == r
+    merged = part.merge(metric)
+    assert merged.shape == (samples * copies, n - r, metric.shape[-1])
+    if r == 0:
+        assert merged is metric and part.unmerge(merged) is merged
+        return
+    # every token is exactly one role, counts add up
+    roles = part.roles
+    assert (roles == TokenRole.MERGED).sum(1).eq(r).all()
+    assert (roles == TokenRole.DESTINATION).sum(1).eq(part.sizes.num_dst).all()
+    # unmerge: kept tokens get their own slot's value, merged tokens their destination's
+    y = torch.randn(merged.shape, generator=_gen(seed + 1))
+    out = part.unmerge(y)
+    assert out.shape == metric.shape
+    rows = torch.arange(metric.shape[0])[:, None]
+    assert torch.equal(out[rows, part.kept_tokens], y)
+    slot = part.slot_of_token
+    dst_token = part.kept_tokens.gather(1, slot)  # the token that holds each token's slot
+    assert torch.equal(out, out[rows, dst_token])
+    merged_mask = roles[part.row_sample] == TokenRole.MERGED
+    assert (roles[part.row_sample].gather(1, dst_token)[merged_mask] == TokenRole.DESTINATION).all()
+    # prune then unmerge restores every kept token exactly
+    restored = part.unmerge(part.merge(metric, "prune"))
+    kept = ~merged_mask
+    assert torch.equal(restored[kept], metric[kept])
+    # mean merge: independent tokens unchanged, destinations hold the mean of their group
+    mean = part.merge(metric, "mean")
+    expected = torch.zeros_like(mean).index_put_((rows.expand_as(slot), slot), metric, accumulate=True)
+    expected /= part.slot_counts
+    torch.testing.assert_close(mean, expected)
+    indep = roles[part.row_sample].gather(1, part.kept_tokens) == TokenRole.INDEPENDENT
+    assert torch.equal(mean[indep], metric[rows.expand_as(part.kept_tokens)[indep], part.kept_tokens[indep]])
+    # all unimportant tokens (outside the pool) are merged
+    order = importance.reshape(samples, -1).argsort(dim=1, descending=True, stable=True)
+    outside = order[:, part.sizes.pool_size:]
+    assert (roles.gather(1, outside) == TokenRole.MERGED).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(importance_cases())
+def test_pool_scale_one_keeps_exactly_the_most_important(case):
+    h, w, samples, copies, config, seed = case
+    config = ImportanceConfig(min(config.ratio, 0.7), config.dst_fraction, 1.0, config.dst_mode)
+    try:
+        plan_sizes(h * w, config)
+    except ValueError:
+        assume(False)
+    metric, importance = _make(h, w, samples, copies, config, seed)
+    part = importance_partition(metric, importance, config, generator=_gen(seed))
+    n, r = h * w, part.sizes.num_removed
+    order = importance.reshape(samples, -1).argsort(dim=1, descending=True)
+    expected_kept = torch.zeros(samples, n, dtype=torch.bool).scatter_(1, order[:, : n - r], True)
+    assert torch.equal(part.roles != TokenRole.MERGED, expected_kept)
+
+
+def test_known_answer_top_destination():
+    # 4 tokens, importance 4 > 3 > 2 > 1; ratio 0.5 -> r=2, K=1, M=min(int(2*1.4), 4)=2.
+    # dst = token 0 (top), pool = {0, 1}: tokens 2 and 3 are unimportant and forced into token 0; token 1 stays.
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [5.0, 0.0]]])
+    importance = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    part = importance_partition(x, importance, ImportanceConfig(0.5, 0.25, 1.4, "top"))
+    assert part.sizes == (4, 2, 1, 2)
+    assert part.roles.tolist() == [[TokenRole.DESTINATION, TokenRole.INDEPENDENT, TokenRole.MERGED, TokenRole.MERGED]]
+    assert part.merge(x).tolist() == [[[0.0, 1.0], [3.0, 0.0]]]
+    assert part.merge(x, "prune").tolist() == [[[0.0, 1.0], [1.0, 0.0]]]
+    assert part.unmerge(torch.tensor([[[7.0], [9.0]]])).tolist() == [[[9.0], [7.0], [9.0], [9.0]]]
+
+
+def test_known_answer_similarity_picks_the_important_source():
+    # 8 tokens; pool_scale 2 makes every token important (M = 8), so nothing is forced and the r=2 sources most
+    # similar to a destination merge. Destinations (top, K=2): tokens 0 and 1. Token 5 is a copy of token 0 and
+    # token 6 a near copy of token 1; everything else points elsewhere.
+    x = torch.tensor([[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1],
+                       [0, 0, -1, 0], [1, 0, 0, 0], [0.1, 1, 0, 0], [0, 0, 0, -1]]])
+    importance = torch.arange(8, 0, -1.0)[None]
+    part = importance_partition(x, importance, ImportanceConfig(0.25, 0.25, 2.0, "top"))
+    assert part.sizes.num_removed == 2 and part.sizes.pool_size == 8
+    assert (part.roles[0] == TokenRole.MERGED).nonzero().flatten().tolist() == [5, 6]
+    assert part.slot_of_token[0, 5] == part.slot_of_token[0, 0]
+    assert part.slot_of_token[0, 6] == part.slot_of_token[0, 1]
+
+
+def test_ratio_zero_is_exact_identity():
+    x = torch.randn(2, 16, 3)
+    for config in (ImportanceConfig(0.0), RandomGridConfig(0.0)):
+        part = make_partition(x, config, grid=TokenGrid(4, 4), importance=torch.rand(2, 16))
+        assert part.is_identity and part.merge(x) is x and part.unmerge(x) is x
+
+
+def test_random_baseline_does_not_depend_on_map():
+    x = torch.randn(4, 64, 5)
+    parts = [
+        make_partition(x, RandomGridConfig(0.5), grid=TokenGrid(8, 8), importance=imp, generator=_gen(3))
+        for imp in (torch.rand(2, 64), -torch.rand(2, 64) * 100)
+    ]
+    assert torch.equal(parts[0].slot_of_token, parts[1].slot_of_token)
+    assert torch.equal(parts[0].roles, parts[1].roles)
+
+
+def test_random_grid_one_destination_per_cell():
+    grid = TokenGrid(6, 8, frames=2)
+    x = torch.randn(2, grid.num_tokens, 4)
+    part = random_grid_partition(x, grid, RandomGridConfig(0.5, stride_x=2, stride_y=3), generator=_gen(1))
+    dst = (part.roles == TokenRole.DESTINATION).reshape(2, 2, 6, 8)
+    cells = dst.reshape(2, 2, 2, 3, 4, 2).sum(dim=(3, 5))
+    assert (cells == 1).all()
+    assert part.merge(x).shape == (2, grid.num_tokens - int(grid.num_tokens * 0.5), 4)
+
+
+@pytest.mark.parametrize("config", [ImportanceConfig(0.6), RandomGridConfig(0.6)])
+def test_equal_seeds_equal_partitions(config):
+    x = torch.randn(2, 100, 8)
+    importance = torch.rand(1, 100)
+    a, b, c = (make_partition(x, config, grid=TokenGrid(10, 10), importance=importance, generator=_gen(s))
+               for s in (5, 5, 6))
+    assert torch.equal(a.slot_of_token, b.slot_of_token)
+    assert not torch.equal(a.slot_of_token, c.slot_of_token)
+
+
+def test_global_rng_untouched():
+    x, importance = torch.randn(2, 64, 4), torch.rand(1, 64)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    importance_partition(x, importance, ImportanceConfig(0.5))
+    random_grid_partition(x, TokenGrid(8, 8), RandomGridConfig(0.5))
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_equals_unchunked(chunk):
+    x = torch.randn(3, 144, 16)
+    importance = torch.rand(3, 12, 12)
+    full = importance_partition(x, importance, ImportanceConfig(0.5, chunk_size=0), generator=_gen(2))
+    part = importance_partition(x, importance, ImportanceConfig(0.5, chunk_size=chunk), generator=_gen(2))
+    assert torch.equal(full.slot_of_token, part.slot_of_token)
+    assert torch.equal(full.merge(x), part.merge(x))
+
+
+def test_cond_and_uncond_rows_share_the_split():
+    # rows as ComfyUI lays them out for 2 samples with cond_or_uncond [1, 0]: [uncond s0, uncond s1, cond s0, cond s1]
+    x = torch.randn(4, 81, 8)
+    importance = torch.rand(2, 9, 9)
+    part = importance_partition(x, importance, ImportanceConfig(0.5))
+    assert torch.equal(part.slot_of_token[0], part.slot_of_token[2])
+    assert torch.equal(part.slot_of_token[1], part.slot_of_token[3])
+    assert not torch.equal(part.slot_of_token[0], part.slot_of_token[1])
+    # an explicit row→sample mapping, e.g. 3 rows of which the last two belong to sample 0
+    rows = torch.tensor([1, 0, 0])
+    part = importance_partition(x[:3], importance, ImportanceConfig(0.5), row_sample=rows)
+    assert torch.equal(part.slot_of_token[1], part.slot_of_token[2])
+    assert not torch.equal(part.slot_of_token[0], part.slot_of_token[1])
+
+
+def test_each_sample_follows_its_own_map():
+    x = torch.randn(2, 64, 8).expand(2, 64, 8).clone()
+    x[1] = x[0]
+    importance = torch.stack([torch.arange(64.0), -torch.arange(64.0)])
+    part = importance_partition(x, importance, ImportanceConfig(0.5, pool_scale=1.0))
+    kept = part.roles != TokenRole.MERGED
+    assert kept[0, 32:].all() and not kept[0, :32].any()
+    assert kept[1, :32].all() and not kept[1, 32:].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_and_devices(device, dtype):
+    x = torch.randn(2, 256, 32, device=device).to(dtype)
+    importance = torch.rand(1, 16, 16, device=device)
+    for config in (ImportanceConfig(0.5), RandomGridConfig(0.5)):
+        part = make_partition(x, config, grid=TokenGrid(16, 16), importance=importance)
+        merged = part.merge(x)
+        assert merged.dtype == dtype and merged.device == x.device
+        assert torch.isfinite(merged).all()
+        out = part.unmerge(merged)
+        assert out.dtype == dtype and out.shape == x.shape
+
+
+def test_bad_parameters_name_the_parameter_and_range():
+    x = torch.randn(2, 64, 4)
+    with pytest.raises(ValueError, match=r"ratio=0\.8 .*maximum is 0\.750"):
+        importance_partition(x, torch.rand(1, 64), ImportanceConfig(0.8))
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        plan_sizes(64, ImportanceConfig(1.2))
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
+        plan_sizes(64, ImportanceConfig(float("nan")))
+    with pytest.raises(ValueError, match="pool_scale must be >= 1"):
+        plan_sizes(64, ImportanceConfig(0.5, pool_scale=0.5))
+    with pytest.raises(ValueError, match=r"dst_fraction must be in \(0, 1\)"):
+        plan_sizes(64, ImportanceConfig(0.5, dst_fraction=0.0))
+    with pytest.raises(ValueError, match="dst_mode must be one of"):
+        plan_sizes(64, ImportanceConfig(0.5, dst_mode="bottom"))
+    with pytest.raises(ValueError, match="importance map has 63 positions per sample but the block has 64 tokens"):
+        importance_partition(x, torch.rand(1, 63), ImportanceConfig(0.5))
+    with pytest.raises(ValueError, match="not a whole number of blocks"):
+        importance_partition(torch.randn(3, 64, 4), torch.rand(2, 64), ImportanceConfig(0.5))
+    with pytest.raises(ValueError, match="empty token grid"):
+        plan_sizes(0, ImportanceConfig(0.5))
+    with pytest.raises(ValueError, match="token grid sizes must be >= 1"):
+        TokenGrid(0, 4)
+    with pytest.raises(ValueError, match=r"the maximum is 0\.750"):
+        random_grid_partition(x, TokenGrid(8, 8), RandomGridConfig(0.8))
+    with pytest.raises(ValueError, match="needs the token grid"):
+        random_grid_partition(x, TokenGrid(4, 4), RandomGridConfig(0.5))
+    part = importance_partition(x, torch.rand(1, 64), ImportanceConfig(0.5))
+    with pytest.raises(ValueError, match=r"expected a \[2, 64, C\] tensor"):
+        part.merge(torch.randn(2, 60, 4))
+    with pytest.raises(ValueError, match="merge mode must be one of"):
+        part.merge(x, "sum")
+
+
+def test_tiny_grids_are_identity_not_errors():
+    # 2 tokens at ratio 0.3: r = int(0.6) = 0 -> nothing to merge
+    x = torch.randn(2, 2, 4)
+    assert importance_partition(x, torch.rand(1, 2), ImportanceConfig(0.3)).is_identity
+    assert random_grid_partition(x, TokenGrid(1, 2), RandomGridConfig(0.3)).is_identity
+
+
+def test_sizes_match_paper_worked_example():
+    # SD2 at 768² (96x96 latent), ratio 0.7, pool_scale 1.4: M = int(2765 * 1.4) = 3870 (float truncation)
+    sizes = plan_sizes(9216, ImportanceConfig(0.7))
+    assert sizes == (9216, 6451, 2304, 3870)
+    assert math.isclose(max_ratio(ImportanceConfig(0.5)), 0.75)

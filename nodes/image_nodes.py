@@ -1,0 +1,138 @@
+"""The node classes (ComfyUI's V1 node API, so the 2024 and current hosts both load them).
+
+Node ids are permanent: they are stored in saved workflows. Never rename them.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import unet
+from .settings import CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, WARMUP_MODES, MergeSettings
+from ..merging import DST_MODES
+
+log = logging.getLogger("comfyui_importance_tome")
+
+CATEGORY = "model_patches/token_merging"
+
+_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up (SD1.x, SD2.x, SDXL and other UNet models)."})
+_COMMON = {
+    "ratio": ("FLOAT", {
+        "default": 0.5, "min": 0.0, "max": MAX_RATIO, "step": 0.05,
+        "tooltip": "Fraction of tokens merged away before self-attention at the merged levels (0 = off, max 0.75). "
+                   "0.5 halves the tokens; higher is faster and loses more detail.",
+    }),
+    "importance": (list(IMPORTANCE_SOURCES), {
+        "default": "cfg",
+        "tooltip": "cfg: keep the tokens where the prompt matters most (|cond - uncond| of the previous step, the "
+                   "paper's method). random: plain ToMe random merging, for A/B comparisons.",
+    }),
+    "start_percent": ("FLOAT", {
+        "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+        "tooltip": "Start merging at this fraction of the sampling schedule (0 = first step).",
+    }),
+    "end_percent": ("FLOAT", {
+        "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+        "tooltip": "Stop merging after this fraction of the schedule (1 = last step).",
+    }),
+    "levels": (list(LEVEL_CHOICES), {
+        "default": "auto",
+        "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
+                   "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
+                   "auto+1 also merges the next level down.",
+    }),
+}
+_MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
+
+
+def _patch(model, settings: MergeSettings):
+    if not unet.is_unet(model):
+        name = type(getattr(model, "model", model)).__name__
+        log.warning("Importance Token Merging: %s models are not supported yet; passing the model through unchanged.",
+                    name)
+        return (model,)
+    return (unet.apply(model, settings),)
+
+
+class ImportanceTokenMerging:
+    DESCRIPTION = ("Speeds up sampling by merging similar tokens before self-attention, keeping the tokens that "
+                   "classifier-free guidance marks as important (Wu et al., ICCV 2025).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (_MODEL_OUT_TOOLTIP,)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": _MODEL_IN, **_COMMON}}
+
+    def patch(self, model, ratio, importance, start_percent, end_percent, levels):
+        return _patch(model, MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
+                                           end_percent=end_percent, levels=levels))
+
+
+class ImportanceTokenMergingAdvanced:
+    DESCRIPTION = ImportanceTokenMerging.DESCRIPTION + " Exposes every setting of the method."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = (_MODEL_OUT_TOOLTIP,)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": _MODEL_IN,
+            **_COMMON,
+            "dst_fraction": ("FLOAT", {
+                "default": 0.25, "min": 0.05, "max": 0.5, "step": 0.05,
+                "tooltip": "Fraction of tokens that become merge destinations. The ratio can be at most "
+                           "1 - dst_fraction / pool_scale.",
+            }),
+            "pool_scale": ("FLOAT", {
+                "default": 1.4, "min": 1.0, "max": 4.0, "step": 0.1,
+                "tooltip": "Size of the pool of important tokens, as a multiple of the tokens that survive. 1.0 keeps "
+                           "exactly the most important tokens; larger lets similar important tokens merge instead.",
+            }),
+            "dst_mode": (list(DST_MODES), {
+                "default": "random",
+                "tooltip": "How destinations are drawn from the important pool: random, the top ones, or evenly "
+                           "spaced through the ranking.",
+            }),
+            "warmup_mode": (list(WARMUP_MODES), {
+                "default": "prune",
+                "tooltip": "Steps without an importance map yet (the first step): prune = drop merged tokens and copy "
+                           "their destination's output (the paper's warm-up); merge = average them (plain ToMe).",
+            }),
+            "cfg1_mode": (list(CFG1_MODES), {
+                "default": "random",
+                "tooltip": "When there is no uncond pass (cfg = 1, turbo/LCM): random = use plain ToMe merging, logged "
+                           "once per run; force_uncond = compute the uncond pass anyway to get the importance map "
+                           "(costs a second model pass per step).",
+            }),
+            "merge_cross_attn": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Also run cross-attention (text) on the merged tokens: faster, slightly less faithful.",
+            }),
+            "seed": ("INT", {
+                "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "tooltip": "Seed for the random choices of the partition (destinations, warm-up cells). The sampler's "
+                           "own noise is not affected.",
+            }),
+        }}
+
+    def patch(self, model, ratio, importance, start_percent, end_percent, levels, dst_fraction, pool_scale, dst_mode,
+              warmup_mode, cfg1_mode, merge_cross_attn, seed):
+        settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
+                                 end_percent=end_percent, levels=levels, dst_fraction=dst_fraction,
+                                 pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
+                                 merge_cross_attn=merge_cross_attn, seed=seed)
+        return _patch(model, settings)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ITM_ImportanceTokenMerging": ImportanceTokenMerging,
+    "ITM_ImportanceTokenMergingAdvanced": ImportanceTokenMergingAdvanced,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ITM_ImportanceTokenMerging": "Importance Token Merging",
+    "ITM_ImportanceTokenMergingAdvanced": "Importance Token Merging (Advanced)",
+}

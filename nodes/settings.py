@@ -1,0 +1,79 @@
+"""What a user chose in a node: validated once, frozen, shared by every run of the patched model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import FrozenSet, Optional, Tuple
+
+from ..merging import DST_MODES, ImportanceConfig, RandomGridConfig, max_ratio
+
+IMPORTANCE_SOURCES = ("cfg", "random")
+LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
+WARMUP_MODES = ("prune", "merge")
+CFG1_MODES = ("random", "force_uncond")
+MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    ratio: float = 0.5
+    importance: str = "cfg"
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    levels: str = "auto"
+    dst_fraction: float = 0.25
+    pool_scale: float = 1.4
+    dst_mode: str = "random"
+    warmup_mode: str = "prune"
+    cfg1_mode: str = "random"
+    merge_cross_attn: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("importance", self.importance, IMPORTANCE_SOURCES)
+        _choice("levels", self.levels, LEVEL_CHOICES)
+        _choice("dst_mode", self.dst_mode, DST_MODES)
+        _choice("warmup_mode", self.warmup_mode, WARMUP_MODES)
+        _choice("cfg1_mode", self.cfg1_mode, CFG1_MODES)
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(
+                f"need 0 <= start_percent <= end_percent <= 1, got start_percent={self.start_percent}, "
+                f"end_percent={self.end_percent}"
+            )
+        if not 0.0 < self.dst_fraction < 1.0:
+            raise ValueError(f"dst_fraction must be in (0, 1), got {self.dst_fraction}")
+        if not self.pool_scale >= 1.0:
+            raise ValueError(f"pool_scale must be >= 1, got {self.pool_scale}")
+        for name, config in (("importance", self.importance_config()), ("random", self.random_config())):
+            limit = max_ratio(config)
+            if not 0.0 <= self.ratio <= limit + 1e-9:
+                extra = (f" with dst_fraction={self.dst_fraction} and pool_scale={self.pool_scale}"
+                         if name == "importance" else " with 2x2 random cells (warm-up / random mode)")
+                raise ValueError(f"ratio must be in [0, {limit:.3f}]{extra}, got {self.ratio}")
+
+    def importance_config(self) -> ImportanceConfig:
+        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode)
+
+    def random_config(self) -> RandomGridConfig:
+        return RandomGridConfig(self.ratio)
+
+    def target_levels(self, auto_level: int) -> FrozenSet[int]:
+        """The UNet levels to merge, given the highest-resolution level that has attention."""
+        if self.levels == "auto":
+            return frozenset({auto_level})
+        if self.levels == "auto+1":
+            return frozenset({auto_level, auto_level + 1})
+        return frozenset(int(part) for part in self.levels.split(","))
+
+
+def _choice(name: str, value: str, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def sigma_range(model_sampling: Optional[object], start_percent: float, end_percent: float) -> Tuple[float, float]:
+    """(sigma_start, sigma_end): merging is active for sigma_end <= sigma <= sigma_start."""
+    if model_sampling is None or not hasattr(model_sampling, "percent_to_sigma"):
+        return float("inf"), 0.0
+    high = model_sampling.percent_to_sigma(start_percent)
+    low = model_sampling.percent_to_sigma(end_percent)
+    return float(high), float(low)

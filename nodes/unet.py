@@ -1,0 +1,386 @@
+"""Adapter for ComfyUI's UNet models (SD1.x, SD2.x, SDXL and the UNet-based multi-view models).
+
+How it hooks in (the same on the 2024 host and on current ComfyUI):
+
+* ``attn1_patch`` shortens the self-attention input (queries, keys and values) with a :class:`merging.Partition`;
+  ``attn1_output_patch`` restores the full length. With ``merge_cross_attn`` the cross-attention queries get the
+  same treatment through ``attn2_patch`` / ``attn2_output_patch``.
+* ``sampler_post_cfg_function`` sees the cond and uncond predictions of every model evaluation and stores
+  ``|cond - uncond|`` as the importance map for the next evaluation.
+* Per-run state lives in ``model_options["transformer_options"][KEY]`` as a :class:`MergeRuntime`. On current
+  ComfyUI an ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh one; on hosts without wrappers a run is
+  detected when sigma goes up again or the latent size changes.
+
+A partition is computed once per level and model call (from the first block of that level) and reused by the
+other blocks of the level, so the index work stays off the per-block path.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..merging import (
+    Partition,
+    TokenGrid,
+    find_unet_level,
+    importance_map,
+    importance_partition,
+    plan_sizes,
+    pool_to_grid,
+    random_grid_partition,
+    rows_for_samples,
+)
+from .settings import MergeSettings, sigma_range
+
+log = logging.getLogger("comfyui_importance_tome")
+
+KEY = "importance_tome"
+WRAPPER_KEY = "importance_tome"
+
+
+@dataclass
+class RunSummary:
+    """What one sampling run did; kept (last few runs) on the patched model for inspection and tests."""
+
+    evaluations_with_map: int = 0
+    evaluations_without_map: int = 0
+    evaluations_inactive: int = 0
+    maps_captured: int = 0
+    merged_calls: int = 0
+    tokens: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (N, kept)
+    fallbacks: List[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        levels = ", ".join(f"level {lvl}: {n} -> {kept} tokens" for lvl, (n, kept) in sorted(self.tokens.items()))
+        return (
+            f"{levels or 'no level merged'}; evaluations with importance map {self.evaluations_with_map}, "
+            f"without (warm-up/fallback) {self.evaluations_without_map}, outside the active range "
+            f"{self.evaluations_inactive}; {self.merged_calls} attention calls merged"
+            + (f"; fallbacks: {'; '.join(self.fallbacks)}" if self.fallbacks else "")
+        )
+
+
+class RunState:
+    """Mutable state of one sampling run."""
+
+    def __init__(self, settings: MergeSettings) -> None:
+        self.summary = RunSummary()
+        self.generator = torch.Generator()
+        self.generator.manual_seed(settings.seed)
+        self.map: Optional[torch.Tensor] = None  # [b, H, W] from the previous evaluation
+        self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
+        self.auto_level: Optional[int] = None
+        self.last_sigma: Optional[float] = None
+        self.call: Optional[list] = None  # cond_or_uncond list object of the current model call (its identity)
+        self.call_active = False
+        self.call_has_map = False
+        self.partitions: Dict[int, Optional[Partition]] = {}
+        self.block: Optional[Partition] = None  # partition of the block being run (between patch and output patch)
+        self.block_mode = "mean"
+        self.logged: set = set()
+
+
+class MergeRuntime:
+    """Everything the patches need: settings, the active sigma range and the current run's state."""
+
+    def __init__(self, settings: MergeSettings, sigma_bounds: Tuple[float, float], managed: bool = False,
+                 history: Optional[list] = None) -> None:
+        self.settings = settings
+        self.sigma_start, self.sigma_end = sigma_bounds
+        self.managed = managed  # True when a host wrapper starts and ends each run
+        self.history = history if history is not None else []
+        self.run = RunState(settings)
+
+    def fresh(self) -> "MergeRuntime":
+        """A runtime for one sampling run that shares settings and history with this one."""
+        return MergeRuntime(self.settings, (self.sigma_start, self.sigma_end), managed=True, history=self.history)
+
+    def finish_run(self) -> None:
+        run = self.run
+        if run.summary.evaluations_with_map or run.summary.evaluations_without_map or run.summary.evaluations_inactive:
+            self.history.append(run.summary)
+            del self.history[:-8]
+            log.info("Importance Token Merging (%s, ratio %.2f): %s", self.settings.importance, self.settings.ratio,
+                     run.summary.describe())
+        self.run = RunState(self.settings)
+
+    def note(self, key: str, message: str, *args) -> None:
+        """Log a fallback once per run (INFO) and remember it in the summary."""
+        if key in self.run.logged:
+            return
+        self.run.logged.add(key)
+        text = message % args if args else message
+        self.run.summary.fallbacks.append(text)
+        log.info("Importance Token Merging: %s", text)
+
+    # --- per model call -------------------------------------------------------------------------------------------
+
+    def _start_call(self, extra: dict) -> None:
+        run = self.run
+        sigmas = extra.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
+        new_eval = sigma != run.last_sigma
+        if not self.managed and run.last_sigma is not None and sigma is not None and sigma > run.last_sigma * (1 + 1e-4):
+            self.finish_run()  # sigma went up: a new sampling run on a host without run wrappers
+            run = self.run
+            new_eval = True
+        run.last_sigma = sigma
+        run.call = extra.get("cond_or_uncond")
+        run.partitions = {}
+        run.block = None
+        run.call_active = sigma is None or self.sigma_end <= sigma <= self.sigma_start
+        run.call_has_map = run.map is not None
+        if new_eval:
+            if not run.call_active:
+                run.summary.evaluations_inactive += 1
+            elif run.call_has_map and self.settings.importance == "cfg":
+                run.summary.evaluations_with_map += 1
+            else:
+                run.summary.evaluations_without_map += 1
+
+    def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[Partition]:
+        """The partition for this block's tokens, or None to leave the block alone."""
+        run = self.run
+        if extra.get("cond_or_uncond") is not run.call or run.call is None:
+            self._start_call(extra)
+        if not run.call_active:
+            return None
+        shape = extra.get("original_shape")
+        if shape is None or len(shape) != 4 or n.shape[0] != shape[0]:
+            return None  # not a spatial call of a 2-D UNet (e.g. temporal attention): leave it alone
+        height, width = int(shape[2]), int(shape[3])
+        level = find_unet_level(height, width, n.shape[1])
+        if level is None:
+            return None
+        if run.auto_level is None:
+            run.auto_level = level  # the first attention call of a forward is the highest-resolution one
+        if level not in self.settings.target_levels(run.auto_level):
+            return None
+        if level not in run.partitions:
+            run.partitions[level] = self._make_partition(n, extra, level, height, width)
+        return run.partitions[level]
+
+    def _make_partition(self, n: torch.Tensor, extra: dict, level: int, height: int, width: int) -> Optional[Partition]:
+        run, settings = self.run, self.settings
+        grid = TokenGrid.for_unet_level(height, width, level)
+        chunks = len(extra.get("cond_or_uncond") or [0]) or 1
+        if n.shape[0] % chunks:
+            self.note("rows", "batch of %d rows does not split into %d cond chunks; block left unmerged",
+                      n.shape[0], chunks)
+            return None
+        samples = n.shape[0] // chunks
+        use_importance = settings.importance == "cfg" and run.map is not None
+        importance = self._map_for_chunk(samples, height, width) if use_importance else None
+        try:
+            if importance is not None:
+                scores = pool_to_grid(importance.to(n.device), grid)
+                part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
+                run.block_mode = "mean"
+            else:
+                plan_sizes(grid.num_tokens, settings.random_config(), grid)  # raises if this grid can't be merged
+                part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
+                                             row_sample=rows_for_samples(n.shape[0], samples, n.device),
+                                             num_samples=samples)
+                warmup = settings.importance == "cfg"
+                run.block_mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
+        except ValueError as err:
+            self.note(f"small{level}", "level %d (%dx%d tokens) is left unmerged: %s", level, grid.height, grid.width, err)
+            return None
+        if part.is_identity:
+            self.note(f"tiny{level}", "level %d has only %d tokens: nothing to merge at ratio %.2f",
+                      level, grid.num_tokens, settings.ratio)
+            return None
+        if level not in run.summary.tokens and not self.managed:
+            log.info("Importance Token Merging: merging level %d, %d -> %d tokens (%s); the run's summary is "
+                     "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
+                     part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
+        run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
+        return part
+
+    def _map_for_chunk(self, samples: int, height: int, width: int) -> Optional[torch.Tensor]:
+        """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
+        run = self.run
+        imap = run.map
+        if imap.shape[0] != samples:
+            self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
+                      imap.shape[0], samples)
+            return None
+        if tuple(imap.shape[-2:]) == (height, width):
+            return imap
+        full_h, full_w = imap.shape[-2:]
+        offsets = set()
+        for area in run.areas:  # an area cond runs on a crop of the latent: find which one
+            h, w, y, x = area[0], area[1], area[2], area[3]
+            h, w = min(h, full_h - y), min(w, full_w - x)
+            if (h, w) == (height, width):
+                offsets.add((y, x))
+        if len(offsets) == 1:
+            y, x = offsets.pop()
+            return imap[:, y:y + height, x:x + width]
+        self.note(f"size{height}x{width}", "no unique importance map crop for a %dx%d model call (latent %dx%d); "
+                  "using random merging for it", height, width, full_h, full_w)
+        return None
+
+    # --- importance capture ---------------------------------------------------------------------------------------
+
+    def capture(self, args: dict) -> None:
+        run = self.run
+        cond, uncond = args.get("cond_denoised"), args.get("uncond_denoised")
+        if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim != 4:
+            return
+        if self.settings.importance != "cfg":
+            return
+        imap = importance_map(cond, uncond)
+        if args.get("uncond") is None or not bool(imap.amax() > 0):  # cfg = 1: no uncond pass was computed
+            run.map = None
+            self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
+                      "ToMe baseline instead (set cfg1_mode = force_uncond on the advanced node to compute it)")
+            return
+        run.map = imap
+        run.areas = [tuple(int(v) for v in c["area"][:4]) for c in (args.get("cond") or []) + (args.get("uncond") or [])
+                     if isinstance(c, dict) and c.get("area") is not None and len(c["area"]) >= 4]
+        run.summary.maps_captured += 1
+
+
+def _runtime(extra: dict) -> Optional[MergeRuntime]:
+    runtime = extra.get(KEY)
+    return runtime if isinstance(runtime, MergeRuntime) else None
+
+
+class SelfAttnMerge:
+    """``attn1_patch``: merge the tokens that enter self-attention."""
+
+    def __call__(self, n, context, value, extra):
+        runtime = _runtime(extra)
+        if runtime is None:
+            return n, context, value
+        part = runtime.partition_for(n, extra)
+        run = runtime.run
+        run.block = part
+        if part is None:
+            return n, context, value
+        run.summary.merged_calls += 1
+        merged = part.merge(n, run.block_mode)
+
+        def like_n(t):  # keys/values: shorten them too when they are the block's own tokens (self-attention)
+            if t is n:
+                return merged
+            if isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[:2] == n.shape[:2]:
+                return part.merge(t, run.block_mode)
+            return t
+
+        return merged, like_n(context), like_n(value)
+
+
+class SelfAttnUnmerge:
+    """``attn1_output_patch``: give every token its slot's attention output."""
+
+    def __call__(self, n, extra):
+        runtime = _runtime(extra)
+        part = runtime.run.block if runtime is not None else None
+        if part is None or n.shape[1] != part.sizes.num_kept:
+            return n
+        return part.unmerge(n)
+
+
+class CrossAttnMerge:
+    """``attn2_patch``: merge the cross-attention queries with the block's partition."""
+
+    def __call__(self, n, context, value, extra):
+        runtime = _runtime(extra)
+        part = runtime.run.block if runtime is not None else None
+        if part is None or n.shape[1] != part.sizes.num_tokens:
+            return n, context, value
+        return part.merge(n, runtime.run.block_mode), context, value
+
+
+class CrossAttnUnmerge(SelfAttnUnmerge):
+    """``attn2_output_patch``: restore the full length after cross-attention."""
+
+
+class ImportanceCapture:
+    """``sampler_post_cfg_function``: keep ``|cond - uncond|`` for the next evaluation; returns denoised unchanged."""
+
+    def __call__(self, args):
+        model_options = args.get("model_options") or {}
+        runtime = _runtime(model_options.get("transformer_options", {}))
+        if runtime is not None:
+            runtime.capture(args)
+        return args["denoised"]
+
+
+PATCH_TYPES = (SelfAttnMerge, SelfAttnUnmerge, CrossAttnMerge, CrossAttnUnmerge, ImportanceCapture)
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Current ComfyUI: a fresh runtime for each sampling run, summary logged at the end."""
+    guider = executor.class_obj
+    original = guider.model_options
+    import comfy.model_patcher  # noqa: PLC0415 (host module, only present inside ComfyUI)
+
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    options = guider.model_options.setdefault("transformer_options", {})
+    runtime = options.get(KEY)
+    if not isinstance(runtime, MergeRuntime):
+        return executor(*args, **kwargs)
+    runtime = options[KEY] = runtime.fresh()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        runtime.finish_run()
+        guider.model_options = original
+
+
+def is_unet(model) -> bool:
+    """True for models whose diffusion model is ComfyUI's UNetModel (SD1.x/2.x/SDXL/SVD/Zero123 …)."""
+    diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return type(diffusion_model).__name__ == "UNetModel"
+
+
+def _model_sampling(model):
+    getter = getattr(model, "get_model_object", None)
+    if getter is not None:
+        try:
+            return getter("model_sampling")
+        except Exception:  # noqa: BLE001 (older hosts or unusual patchers)
+            pass
+    return getattr(getattr(model, "model", None), "model_sampling", None)
+
+
+def _remove_ours(model_options: dict) -> None:
+    """Drop patches of an earlier Importance Token Merging node so chaining two nodes does not merge twice."""
+    options = model_options.setdefault("transformer_options", {})
+    patches = options.get("patches")
+    if patches:
+        options["patches"] = {name: [p for p in plist if not isinstance(p, PATCH_TYPES)] for name, plist in patches.items()}
+    post = model_options.get("sampler_post_cfg_function")
+    if post:
+        model_options["sampler_post_cfg_function"] = [f for f in post if not isinstance(f, PATCH_TYPES)]
+    options.pop(KEY, None)
+
+
+def apply(model, settings: MergeSettings):
+    """Clone ``model`` and attach importance merging. The input model is never modified."""
+    patched = model.clone()
+    _remove_ours(patched.model_options)
+    runtime = MergeRuntime(settings, sigma_range(_model_sampling(model), settings.start_percent, settings.end_percent))
+    patched.model_options["transformer_options"][KEY] = runtime
+    patched.set_model_attn1_patch(SelfAttnMerge())
+    patched.set_model_attn1_output_patch(SelfAttnUnmerge())
+    if settings.merge_cross_attn:
+        patched.set_model_attn2_patch(CrossAttnMerge())
+        patched.set_model_attn2_output_patch(CrossAttnUnmerge())
+    if settings.importance == "cfg":
+        force = settings.cfg1_mode == "force_uncond"
+        patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
+        if force:
+            patched.model_options["disable_cfg1_optimization"] = True
+    if hasattr(patched, "add_wrapper_with_key"):
+        import comfy.patcher_extension  # noqa: PLC0415
+
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+    return patched

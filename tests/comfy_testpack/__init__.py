@@ -1,0 +1,63 @@
+"""Test-only V1 custom nodes, loaded next to the pack by the tests (ComfyUI a28a9dc8 and 0.14.1).
+
+HostTestTinyModel  -> MODEL, CONDITIONING(+), CONDITIONING(-)   (tiny SD1.5/SDXL UNet built by comfy_harness.py)
+HostTestLatentStats   OUTPUT_NODE: returns {"ui": {"latent_stats": [...]}} and keeps the latent in LAST[unique_id]
+"""
+import importlib.util
+import os
+import sys
+
+
+def _boot():
+    mod = sys.modules.get("comfy_harness")
+    if mod is None:  # not imported by the tests' conftest: load ../comfy_harness.py next to this pack
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfy_harness.py")
+        spec = importlib.util.spec_from_file_location("comfy_harness", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["comfy_harness"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+class HostTestTinyModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "arch": (["sd15", "sdxl"],),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+        }}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive", "negative")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, arch, seed):
+        b = _boot()
+        fn = b.tiny_sd15_model if arch == "sd15" else b.tiny_sdxl_model
+        return fn(seed=seed)
+
+
+class HostTestLatentStats:
+    LAST = {}  # unique_id -> latent tensor (cpu clone); read via nodes.NODE_CLASS_MAPPINGS["HostTestLatentStats"].LAST
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "stats"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/host"
+
+    def stats(self, samples, unique_id=None):
+        import torch
+        x = samples["samples"].detach().float().cpu().clone()
+        HostTestLatentStats.LAST[str(unique_id)] = x
+        s = {"shape": list(x.shape), "finite": bool(torch.isfinite(x).all()),
+             "mean": float(x.mean()), "std": float(x.std()), "absmax": float(x.abs().max())}
+        return {"ui": {"latent_stats": [s]}}
+
+
+NODE_CLASS_MAPPINGS = {"HostTestTinyModel": HostTestTinyModel, "HostTestLatentStats": HostTestLatentStats}
+NODE_DISPLAY_NAME_MAPPINGS = {"HostTestTinyModel": "Host test: tiny model", "HostTestLatentStats": "Host test: latent stats"}

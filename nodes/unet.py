@@ -98,6 +98,12 @@ class MergeRuntime:
         """A runtime for one sampling run that shares settings and history with this one."""
         return MergeRuntime(self.settings, (self.sigma_start, self.sigma_end), managed=True, history=self.history)
 
+    def summaries(self) -> List[RunSummary]:
+        """Finished runs (oldest first), plus the current run on hosts where a run's end is not signalled."""
+        current = self.run.summary
+        live = current.evaluations_with_map or current.evaluations_without_map or current.evaluations_inactive
+        return list(self.history) + ([current] if live else [])
+
     def finish_run(self) -> None:
         run = self.run
         if run.summary.evaluations_with_map or run.summary.evaluations_without_map or run.summary.evaluations_inactive:
@@ -143,9 +149,9 @@ class MergeRuntime:
 
     def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[Partition]:
         """The partition for this block's tokens, or None to leave the block alone."""
+        if extra.get("cond_or_uncond") is not self.run.call or self.run.call is None:
+            self._start_call(extra)  # may start a new run (new RunState)
         run = self.run
-        if extra.get("cond_or_uncond") is not run.call or run.call is None:
-            self._start_call(extra)
         if not run.call_active:
             return None
         shape = extra.get("original_shape")
@@ -233,13 +239,13 @@ class MergeRuntime:
             return
         if self.settings.importance != "cfg":
             return
-        imap = importance_map(cond, uncond)
-        if args.get("uncond") is None or not bool(imap.amax() > 0):  # cfg = 1: no uncond pass was computed
+        # cfg = 1: no uncond pass was computed (current ComfyUI passes None; the 2024 host an all-zero prediction)
+        if args.get("uncond") is None or not bool(uncond.abs().amax() > 0):
             run.map = None
             self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
                       "ToMe baseline instead (set cfg1_mode = force_uncond on the advanced node to compute it)")
             return
-        run.map = imap
+        run.map = importance_map(cond, uncond)
         run.areas = [tuple(int(v) for v in c["area"][:4]) for c in (args.get("cond") or []) + (args.get("uncond") or [])
                      if isinstance(c, dict) and c.get("area") is not None and len(c["area"]) >= 4]
         run.summary.maps_captured += 1

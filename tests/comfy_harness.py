@@ -219,7 +219,7 @@ def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | No
         valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     else:
         valid, err, outputs, node_errors = execution.validate_prompt(prompt)
-    if not valid:
+    if not valid or node_errors:  # a prompt with one invalid output still "validates": treat that as failure too
         raise PromptError(f"prompt invalid: {err} node_errors={node_errors}", {"error": err, "node_errors": node_errors})
 
     stub = StubServer()
@@ -293,7 +293,8 @@ def _cond(ctx_dim: int, pooled_dim: int | None, seed: int, tokens: int = 77, ext
     return out[0], out[1]
 
 
-def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4):
+def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4,
+                    in_channels: int = 4):
     """Tiny SD1.5-architecture UNet (real comfy.supported_models.SD15 / model_base.BaseModel / ModelPatcher).
 
     Same level layout as SD1.5 (channel_mult 1,2,4,4; attention at levels 0-2, depth 1; none at the lowest level),
@@ -304,7 +305,7 @@ def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 
     import comfy.supported_models
     unet_config = {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-        "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4,
+        "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": in_channels,
         "model_channels": model_channels, "num_res_blocks": [2, 2, 2, 2],
         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
         "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": context_dim,

@@ -23,7 +23,7 @@ class HostTestTinyModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "arch": (["sd15", "sdxl"],),
+            "arch": (["sd15", "sdxl", "sd15_inpaint"],),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
         }}
 
@@ -34,6 +34,8 @@ class HostTestTinyModel:
 
     def build(self, arch, seed):
         b = _boot()
+        if arch == "sd15_inpaint":
+            return b.tiny_sd15_model(seed=seed, in_channels=9)
         fn = b.tiny_sd15_model if arch == "sd15" else b.tiny_sdxl_model
         return fn(seed=seed)
 
@@ -61,3 +63,45 @@ class HostTestLatentStats:
 
 NODE_CLASS_MAPPINGS = {"HostTestTinyModel": HostTestTinyModel, "HostTestLatentStats": HostTestLatentStats}
 NODE_DISPLAY_NAME_MAPPINGS = {"HostTestTinyModel": "Host test: tiny model", "HostTestLatentStats": "Host test: latent stats"}
+
+
+class HostTestAttnProbe:
+    """MODEL -> MODEL: appends an attn1_patch (after any earlier ones) that records what self-attention receives.
+
+    RECORDS[unique_id] is a list of dicts: block, block_index, tokens (after earlier patches), original_shape, rows,
+    cond_or_uncond. RUNTIMES[unique_id] keeps the importance-merging runtime found on the model, if any.
+    """
+
+    RECORDS = {}
+    RUNTIMES = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "probe"
+    CATEGORY = "testing/host"
+
+    def probe(self, model, unique_id=None):
+        records = HostTestAttnProbe.RECORDS.setdefault(str(unique_id), [])
+        records.clear()
+
+        def recorder(n, context, value, extra):
+            shape = extra.get("original_shape")
+            records.append({
+                "block": tuple(extra.get("block") or ()), "block_index": extra.get("block_index"),
+                "tokens": int(n.shape[1]), "rows": int(n.shape[0]), "kv_tokens": int(context.shape[1]),
+                "original_shape": list(shape) if shape is not None else None,
+                "cond_or_uncond": list(extra.get("cond_or_uncond") or []),
+            })
+            return n, context, value
+
+        m = model.clone()
+        m.set_model_attn1_patch(recorder)
+        HostTestAttnProbe.RUNTIMES[str(unique_id)] = m.model_options.get("transformer_options", {}).get("importance_tome")
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
+NODE_DISPLAY_NAME_MAPPINGS["HostTestAttnProbe"] = "Host test: attention probe"

@@ -1,0 +1,316 @@
+"""The Importance Token Merging nodes on UNet models, run end to end through a real ComfyUI (both hosts)."""
+import logging
+
+import pytest
+import torch
+
+import comfy_harness as H
+from graph import Graph
+
+KSAMPLER = dict(seed=42, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto")
+ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="random", warmup_mode="prune",
+                cfg1_mode="random", merge_cross_attn=False, seed=0)
+
+
+def _nodes():
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def latent(node_id):
+    return _nodes()["HostTestLatentStats"].LAST[node_id]
+
+
+def records(node_id):
+    return _nodes()["HostTestAttnProbe"].RECORDS[node_id]
+
+
+def summaries(node_id):
+    runtime = _nodes()["HostTestAttnProbe"].RUNTIMES[node_id]
+    assert runtime is not None, "the probe found no importance-merging runtime on the model"
+    return runtime.summaries()
+
+
+def sample_graph(arch="sd15", merge=SIMPLE, advanced=False, width=128, height=128, batch=1, steps=4, **ksampler):
+    """tiny model -> [merging node] -> probe -> KSampler -> stats. Node ids: probe "probe", stats "out"."""
+    g = Graph()
+    tiny = g.add("HostTestTinyModel", arch=arch, seed=0)
+    model = tiny[0]
+    if merge is not None:
+        node = "ITM_ImportanceTokenMergingAdvanced" if advanced else "ITM_ImportanceTokenMerging"
+        model = g.add(node, "merge", model=model, **merge)[0]
+    probe = g.add("HostTestAttnProbe", "probe", model=model)
+    empty = g.add("EmptyLatentImage", width=width, height=height, batch_size=batch)
+    sampled = g.add("KSampler", "sampler", model=probe[0], positive=tiny[1], negative=tiny[2], latent_image=empty[0],
+                    steps=steps, **dict(KSAMPLER, **ksampler))
+    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    return g
+
+
+def token_counts(node_id="probe"):
+    return {(r["tokens"], r["kv_tokens"]) for r in records(node_id)}
+
+
+@pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
+def test_merged_run_differs_from_unmerged_and_stays_close(comfy, arch, full, kept):
+    """SD1.5 merges level 0 (16x16 latent: 256 tokens); SDXL has no attention there and merges level 1 (8x8)."""
+    H.run_prompt(sample_graph(arch, merge=None).prompt)
+    reference = latent("out").clone()
+    assert (full, full) in token_counts()
+    H.run_prompt(sample_graph(arch).prompt)
+    merged = latent("out").clone()
+    relative = float((merged - reference).norm() / reference.norm())
+    assert torch.isfinite(merged).all()
+    assert 1e-5 < relative < 0.25, relative
+    # self-attention at the merged level received N - r queries, keys and values; nothing there ran unmerged
+    assert (kept, kept) in token_counts()
+    assert (full, full) not in token_counts()
+    run = summaries("probe")[-1]
+    assert run.maps_captured == 4 and run.evaluations_with_map == 3 and run.evaluations_without_map == 1
+    assert set(run.tokens.values()) == {(full, kept)} and run.fallbacks == []
+
+
+def test_random_importance_is_plain_tome(comfy):
+    H.run_prompt(sample_graph(merge=dict(SIMPLE, importance="random")).prompt)
+    run = summaries("probe")[-1]
+    assert run.maps_captured == 0 and run.evaluations_with_map == 0 and run.evaluations_without_map == 4
+    assert (128, 128) in token_counts()
+
+
+def test_importance_map_steers_which_tokens_are_kept(comfy):
+    """With pool_scale 1 the kept tokens are exactly the most important ones of the previous step's map."""
+    mod = H.pack_module("nodes.unet")
+    model, pos, neg = H.tiny_sd15_model()
+    settings = H.pack_module("nodes.settings").MergeSettings(ratio=0.5, pool_scale=1.0)
+    patched = mod.apply(model, settings)
+    runtime = patched.model_options["transformer_options"][mod.KEY]
+    imap = torch.zeros(1, 16, 16)
+    imap[0, :8] = 1.0  # top half important
+    runtime.run.map = imap
+    n = torch.randn(2, 256, 32)
+    extra = {"original_shape": [2, 4, 16, 16], "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0]),
+             mod.KEY: runtime}
+    part = runtime.partition_for(n, extra)
+    kept = (part.roles[0] != 2).reshape(16, 16)
+    assert kept[:8].all() and not kept[8:].any()
+
+
+def test_node_leaves_input_model_unchanged(comfy):
+    model, _, _ = H.tiny_sd15_model()
+    before = repr(model.model_options)
+    node = _nodes()["ITM_ImportanceTokenMergingAdvanced"]()
+    (patched,) = node.patch(model, **dict(ADVANCED, merge_cross_attn=True))
+    assert repr(model.model_options) == before
+    assert patched is not model
+    patches = patched.model_options["transformer_options"]["patches"]
+    assert {"attn1_patch", "attn1_output_patch", "attn2_patch", "attn2_output_patch"} <= set(patches)
+    assert len(patched.model_options["sampler_post_cfg_function"]) == 1
+
+
+def test_chaining_the_node_twice_replaces_the_first(comfy):
+    model, _, _ = H.tiny_sd15_model()
+    node = _nodes()["ITM_ImportanceTokenMerging"]()
+    (once,) = node.patch(model, **SIMPLE)
+    (twice,) = node.patch(once, **dict(SIMPLE, ratio=0.3))
+    patches = twice.model_options["transformer_options"]["patches"]
+    assert len(patches["attn1_patch"]) == 1 and len(patches["attn1_output_patch"]) == 1
+    assert len(twice.model_options["sampler_post_cfg_function"]) == 1
+    assert twice.model_options["transformer_options"]["importance_tome"].settings.ratio == 0.3
+
+
+def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):
+    caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
+    H.run_prompt(sample_graph(cfg=1.0).prompt)
+    run = summaries("probe")[-1]
+    assert run.maps_captured == 0 and run.evaluations_with_map == 0 and run.merged_calls > 0
+    assert any("no uncond pass" in f for f in run.fallbacks)
+    notes = [r for r in caplog.records if r.getMessage().startswith("Importance Token Merging: no uncond pass")]
+    assert len(notes) == 1  # once per run, not once per step
+    assert {r["cond_or_uncond"][0] for r in records("probe")} == {0}  # really no uncond rows
+
+
+def test_cfg_one_can_force_the_uncond_pass(comfy):
+    H.run_prompt(sample_graph(merge=dict(ADVANCED, cfg1_mode="force_uncond"), advanced=True, cfg=1.0).prompt)
+    run = summaries("probe")[-1]
+    assert run.maps_captured == 4 and run.evaluations_with_map == 3
+    assert any(len(r["cond_or_uncond"]) == 2 for r in records("probe"))
+
+
+def test_several_positive_conds_and_latent_batch(comfy):
+    g = sample_graph(batch=2)
+    tiny = g.prompt["1"]
+    assert tiny["class_type"] == "HostTestTinyModel"
+    other = g.add("HostTestTinyModel", arch="sd15", seed=5)
+    both = g.add("ConditioningCombine", conditioning_1=["1", 1], conditioning_2=other[1])
+    g.prompt["sampler"]["inputs"]["positive"] = both[0]
+    H.run_prompt(g.prompt)
+    calls = records("probe")
+    assert {len(r["cond_or_uncond"]) for r in calls} == {3} and {r["rows"] for r in calls} == {6}
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and run.fallbacks == []
+    assert (128, 128) in token_counts()
+
+
+def test_area_conditioning_gets_its_crop_of_the_map(comfy):
+    g = sample_graph()
+    area = g.add("ConditioningSetArea", conditioning=["1", 1], width=64, height=64, x=32, y=32, strength=1.0)
+    both = g.add("ConditioningCombine", conditioning_1=["1", 1], conditioning_2=area[0])
+    g.prompt["sampler"]["inputs"]["positive"] = both[0]
+    H.run_prompt(g.prompt)
+    shapes = {tuple(r["original_shape"][-2:]) for r in records("probe")}
+    assert (8, 8) in shapes and (16, 16) in shapes  # the area runs as its own cropped batch
+    run = summaries("probe")[-1]
+    assert run.fallbacks == [], run.fallbacks
+    assert run.tokens[0] in {(256, 128), (64, 32)}
+    assert (32, 32) in token_counts() and (128, 128) in token_counts()
+
+
+def test_memory_split_batches(comfy, monkeypatch):
+    import comfy.model_management as mm
+
+    def no_memory(dev=None, torch_free_too=False):  # forces one cond chunk per model call
+        return (1, 1) if torch_free_too else 1
+
+    monkeypatch.setattr(mm, "get_free_memory", no_memory)
+    H.run_prompt(sample_graph().prompt)
+    assert {tuple(r["cond_or_uncond"]) for r in records("probe")} == {(0,), (1,)}
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and run.evaluations_without_map == 1 and run.fallbacks == []
+    assert (128, 128) in token_counts()
+
+
+def test_chains_with_freeu_sag_and_model_merge(comfy):
+    g = Graph()
+    a = g.add("HostTestTinyModel", arch="sd15", seed=0)
+    b = g.add("HostTestTinyModel", arch="sd15", seed=1)
+    merged_model = g.add("ModelMergeSimple", model1=a[0], model2=b[0], ratio=0.5)
+    freeu = g.add("FreeU_V2", model=merged_model[0], b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    ours = g.add("ITM_ImportanceTokenMerging", model=freeu[0], **SIMPLE)
+    sag = g.add("SelfAttentionGuidance", model=ours[0], scale=0.5, blur_sigma=2.0)
+    probe = g.add("HostTestAttnProbe", "probe", model=sag[0])
+    empty = g.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    out = g.add("KSampler", model=probe[0], positive=a[1], negative=a[2], latent_image=empty[0], steps=4, **KSAMPLER)
+    g.add("HostTestLatentStats", "out", samples=out[0])
+    H.run_prompt(g.prompt)
+    assert torch.isfinite(latent("out")).all()
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and run.merged_calls > 0
+    assert (128, 128) in token_counts()
+
+
+def test_two_configurations_and_hires_fix_do_not_interfere(comfy):
+    """Two merging nodes on one model in one graph, and one patched model used by two samplers (hires fix) whose
+    second run has a different latent size: each run gets its own settings, map and summary."""
+    g = sample_graph(steps=3)
+    tiny = ["1", 0]
+    other = g.add("ITM_ImportanceTokenMerging", model=tiny, **dict(SIMPLE, ratio=0.3, importance="random"))
+    probe_b = g.add("HostTestAttnProbe", "probe_b", model=other[0])
+    empty = g.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    out_b = g.add("KSampler", model=probe_b[0], positive=["1", 1], negative=["1", 2], latent_image=empty[0],
+                  steps=3, **KSAMPLER)
+    g.add("HostTestLatentStats", "out_b", samples=out_b[0])
+    upscaled = g.add("LatentUpscaleBy", samples=["sampler", 0], upscale_method="nearest-exact", scale_by=1.5)
+    hires = g.add("KSampler", model=["probe", 0], positive=["1", 1], negative=["1", 2], latent_image=upscaled[0],
+                  steps=3, **dict(KSAMPLER, denoise=0.5))
+    g.add("HostTestLatentStats", "out_hires", samples=hires[0])
+    H.run_prompt(g.prompt)
+    first, second = summaries("probe")[-2:]
+    assert first.tokens == {0: (256, 128)} and second.tokens == {0: (576, 288)}
+    for run in (first, second):  # the hires run starts without a map: the first run's map never leaks into it
+        assert run.evaluations_without_map == 1 and run.evaluations_with_map == 2 and run.fallbacks == []
+    other_run = summaries("probe_b")[-1]
+    assert other_run.tokens == {0: (256, 256 - int(256 * 0.3))} and other_run.maps_captured == 0
+    assert latent("out_hires").shape[-2:] == (24, 24)
+
+
+@pytest.mark.parametrize("width,height", [(72, 120), (136, 104)])
+def test_latent_sizes_that_are_not_multiples(comfy, width, height):
+    H.run_prompt(sample_graph(width=width, height=height).prompt)
+    h, w = height // 8, width // 8
+    n = h * w
+    assert torch.isfinite(latent("out")).all() and latent("out").shape[-2:] == (h, w)
+    run = summaries("probe")[-1]
+    assert run.tokens == {0: (n, n - int(n * 0.5))} and run.evaluations_with_map == 3
+
+
+def test_tiny_latent_passes_through(comfy):
+    # 16x16 pixels: a 2x2 latent; at ratio 0.2 not even one of its 4 tokens can go (int(4 * 0.2) = 0)
+    H.run_prompt(sample_graph(merge=dict(SIMPLE, ratio=0.2), width=16, height=16).prompt)
+    run = summaries("probe")[-1]
+    assert torch.isfinite(latent("out")).all()
+    assert run.merged_calls == 0 and run.tokens == {}
+    assert any("nothing to merge" in f for f in run.fallbacks)
+
+
+def test_inpainting_model_with_mask(comfy):
+    g = sample_graph(arch="sd15_inpaint")
+    mask = g.add("SolidMask", value=1.0, width=128, height=128)
+    masked = g.add("SetLatentNoiseMask", samples=g.prompt["sampler"]["inputs"]["latent_image"], mask=mask[0])
+    g.prompt["sampler"]["inputs"]["latent_image"] = masked[0]
+    H.run_prompt(g.prompt)
+    assert {r["original_shape"][1] for r in records("probe")} == {9}  # 4 latent + 5 concat channels
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and (128, 128) in token_counts()
+
+
+def test_denoise_below_one_and_active_range(comfy):
+    H.run_prompt(sample_graph(merge=dict(SIMPLE, start_percent=0.5), steps=6, denoise=0.8).prompt)
+    run = summaries("probe")[-1]
+    assert run.evaluations_inactive > 0 and run.evaluations_with_map + run.evaluations_without_map > 0
+    assert run.evaluations_inactive + run.evaluations_with_map + run.evaluations_without_map == 6
+    assert (256, 256) in token_counts() and (128, 128) in token_counts()
+
+
+def test_merge_cross_attention_option(comfy):
+    merge = dict(ADVANCED, merge_cross_attn=True)
+    H.run_prompt(sample_graph(merge=merge, advanced=True).prompt)
+    assert torch.isfinite(latent("out")).all()
+    assert summaries("probe")[-1].evaluations_with_map == 3
+
+
+def test_bad_settings_are_clear_errors(comfy):
+    node = _nodes()["ITM_ImportanceTokenMergingAdvanced"]()
+    model, _, _ = H.tiny_sd15_model()
+    with pytest.raises(ValueError, match=r"ratio must be in \[0, 0\.500\]"):
+        node.patch(model, **dict(ADVANCED, ratio=0.6, dst_fraction=0.5, pool_scale=1.0))
+    with pytest.raises(ValueError, match="start_percent <= end_percent"):
+        node.patch(model, **dict(ADVANCED, start_percent=0.8, end_percent=0.2))
+
+
+def test_unsupported_model_passes_through_with_one_warning(comfy, caplog):
+    import comfy.model_patcher
+
+    caplog.set_level(logging.WARNING, logger="comfyui_importance_tome")
+    module = torch.nn.Linear(4, 4)
+    patcher = comfy.model_patcher.ModelPatcher(module, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    (out,) = _nodes()["ITM_ImportanceTokenMerging"]().patch(patcher, **SIMPLE)
+    assert out is patcher
+    warnings = [r for r in caplog.records if "not supported yet" in r.getMessage()]
+    assert len(warnings) == 1 and "passing the model through unchanged" in warnings[0].getMessage()
+
+
+def test_custom_sampler_with_guiders(comfy):
+    if H.host_kind() != "modern":
+        pytest.skip("SamplerCustomAdvanced and DualCFGGuider do not exist on the pinned 2024 host")
+    g = Graph()
+    tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
+    ours = g.add("ITM_ImportanceTokenMerging", model=tiny[0], **SIMPLE)
+    probe = g.add("HostTestAttnProbe", "probe", model=ours[0])
+    empty = g.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    noise = g.add("RandomNoise", noise_seed=1)
+    sampler = g.add("KSamplerSelect", sampler_name="euler")
+    sigmas = g.add("BasicScheduler", model=probe[0], scheduler="normal", steps=4, denoise=1.0)
+    for guider_id, guider in (("cfg", g.add("CFGGuider", model=probe[0], positive=tiny[1], negative=tiny[2], cfg=5.0)),
+                              ("dual", g.add("DualCFGGuider", model=probe[0], cond1=tiny[1], cond2=tiny[1],
+                                             negative=tiny[2], cfg_conds=5.0, cfg_cond2_negative=2.0,
+                                             style="regular"))):
+        out = g.add("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0], sigmas=sigmas[0],
+                    latent_image=empty[0])
+        g.add("HostTestLatentStats", f"out_{guider_id}", samples=out[0])
+    H.run_prompt(g.prompt)
+    runs = summaries("probe")[-2:]
+    assert len(runs) == 2 and all(run.evaluations_with_map == 3 for run in runs)
+    assert torch.isfinite(latent("out_cfg")).all() and torch.isfinite(latent("out_dual")).all()

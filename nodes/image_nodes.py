@@ -112,7 +112,7 @@ class ImportanceTokenMergingAdvanced:
                 "default": False,
                 "tooltip": "Also run cross-attention (text) on the merged tokens: faster, slightly less faithful.",
             }),
-            "seed": ("INT", {
+            "merge_seed": ("INT", {
                 "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                 "tooltip": "Seed for the random choices of the partition (destinations, warm-up cells). The sampler's "
                            "own noise is not affected.",
@@ -120,11 +120,11 @@ class ImportanceTokenMergingAdvanced:
         }}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, dst_fraction, pool_scale, dst_mode,
-              warmup_mode, cfg1_mode, merge_cross_attn, seed):
+              warmup_mode, cfg1_mode, merge_cross_attn, merge_seed):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
-                                 merge_cross_attn=merge_cross_attn, seed=seed)
+                                 merge_cross_attn=merge_cross_attn, seed=merge_seed)
         return _patch(model, settings)
 
 

@@ -205,6 +205,19 @@ class PromptError(RuntimeError):
         self.details = details
 
 
+def validate_prompt(prompt: dict, prompt_id: str | None = None) -> list:
+    """ComfyUI's own validate_prompt; returns the output node ids or raises PromptError with the node errors."""
+    kind = _need_boot()
+    import execution
+    if kind == "modern":
+        valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id or "validate", prompt, None))
+    else:
+        valid, err, outputs, node_errors = execution.validate_prompt(prompt)
+    if not valid or node_errors:  # a prompt with one invalid output still "validates": treat that as failure too
+        raise PromptError(f"prompt invalid: {err} node_errors={node_errors}", {"error": err, "node_errors": node_errors})
+    return outputs
+
+
 def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | None = None,
                return_executor: bool = False):
     """Validate and execute an API-format prompt; return {node_id: ui_dict} of the output nodes.
@@ -215,12 +228,7 @@ def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | No
     import execution
     prompt_id = prompt_id or str(uuid.uuid4())
     extra_data = dict(extra_data or {})
-    if kind == "modern":
-        valid, err, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-    else:
-        valid, err, outputs, node_errors = execution.validate_prompt(prompt)
-    if not valid or node_errors:  # a prompt with one invalid output still "validates": treat that as failure too
-        raise PromptError(f"prompt invalid: {err} node_errors={node_errors}", {"error": err, "node_errors": node_errors})
+    outputs = validate_prompt(prompt, prompt_id)
 
     stub = StubServer()
     if kind == "modern":

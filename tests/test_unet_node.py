@@ -10,7 +10,7 @@ from graph import Graph
 KSAMPLER = dict(seed=42, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
 SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto")
 ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="random", warmup_mode="prune",
-                cfg1_mode="random", merge_cross_attn=False, seed=0)
+                cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
 
 
 def _nodes():

@@ -80,7 +80,7 @@ class StubServer:
 
 # --------------------------------------------------------------------------------------------- boot
 
-def boot(root: str, workdir: str | None = None, *, chdir: bool = False, extra_args=(),
+def boot(root: str, workdir: str | None = None, *, cpu: bool = True, chdir: bool = False, extra_args=(),
          log_level: int | None = logging.WARNING, init_extra_nodes: bool = True) -> dict:
     """Import ComfyUI at `root` in this process (CPU only) and return host info.
 
@@ -107,7 +107,7 @@ def boot(root: str, workdir: str | None = None, *, chdir: bool = False, extra_ar
         os.chdir(root)
 
     saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "comfyui", "--cpu", *extra_args]
+    sys.argv = [saved_argv[0] if saved_argv else "comfyui", *(["--cpu"] if cpu else []), *extra_args]
     try:
         import comfy.options
         comfy.options.enable_args_parsing()
@@ -272,8 +272,9 @@ def init_weights_(module, seed: int = 0, gain: float = 1.0):
     return module
 
 
-def _build(config_cls, unet_config: dict, seed: int):
+def _build(config_cls, unet_config: dict, seed: int, device=None):
     import torch
+    import comfy.model_management
     import comfy.model_patcher
     cfg = config_cls(unet_config)
     # unet_extra_config (num_heads / num_head_channels) is merged in __init__; allow our tiny override to win
@@ -284,8 +285,8 @@ def _build(config_cls, unet_config: dict, seed: int):
     model = cfg.get_model({}, "", device=torch.device("cpu"))     # -> comfy.model_base.BaseModel / SDXL
     init_weights_(model.diffusion_model, seed=seed)
     model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    load = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
 
 
 def _cond(ctx_dim: int, pooled_dim: int | None, seed: int, tokens: int = 77, extra=None):
@@ -302,7 +303,7 @@ def _cond(ctx_dim: int, pooled_dim: int | None, seed: int, tokens: int = 77, ext
 
 
 def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4,
-                    in_channels: int = 4):
+                    in_channels: int = 4, device=None):
     """Tiny SD1.5-architecture UNet (real comfy.supported_models.SD15 / model_base.BaseModel / ModelPatcher).
 
     Same level layout as SD1.5 (channel_mult 1,2,4,4; attention at levels 0-2, depth 1; none at the lowest level),
@@ -321,14 +322,14 @@ def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
-    patcher = _build(comfy.supported_models.SD15, unet_config, seed)
+    patcher = _build(comfy.supported_models.SD15, unet_config, seed, device)
     pos, neg = _cond(context_dim, None, seed + 1)
     return patcher, pos, neg
 
 
 def tiny_sdxl_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, pooled_dim: int = 32,
                     num_head_channels: int = 16, transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_middle=10,
-                    width: int = 64, height: int = 64):
+                    width: int = 64, height: int = 64, device=None):
     """Tiny SDXL-architecture UNet (comfy.supported_models.SDXL -> model_base.SDXL -> ModelPatcher).
 
     Real SDXL layout: channel_mult 1,2,4, no attention at latent resolution, depth 2 at /2 and 10 at /4 + middle
@@ -349,11 +350,22 @@ def tiny_sdxl_model(seed: int = 0, model_channels: int = 32, context_dim: int = 
         "transformer_depth_output": [td[0]] * 3 + [td[2]] * 3 + [td[4]] * 3,
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
-    patcher = _build(comfy.supported_models.SDXL, unet_config, seed)
+    patcher = _build(comfy.supported_models.SDXL, unet_config, seed, device)
     sizes = {"width": width, "height": height, "crop_w": 0, "crop_h": 0,
              "target_width": width, "target_height": height}
     pos, neg = _cond(context_dim, pooled_dim, seed + 1, extra=sizes)
     return patcher, pos, neg
+
+
+def full_sd15_model(seed: int = 0, device=None):
+    """A real-size SD1.5 UNet (860M parameters, random initialised weights) for speed benchmarks."""
+    return tiny_sd15_model(seed=seed, model_channels=320, context_dim=768, num_heads=8, device=device)
+
+
+def full_sdxl_model(seed: int = 0, width: int = 1024, height: int = 1024, device=None):
+    """A real-size SDXL base UNet (2.6B parameters, random initialised weights) for speed benchmarks."""
+    return tiny_sdxl_model(seed=seed, model_channels=320, context_dim=2048, pooled_dim=1280, num_head_channels=64,
+                           width=width, height=height, device=device)
 
 
 # --------------------------------------------------------------------------------------------- this pack
@@ -378,14 +390,14 @@ def describe_host(root: str) -> str:
         return f"unknown ComfyUI at {root}"
 
 
-def boot_with_pack(root: str, repo: str, workdir: str | None = None) -> dict:
+def boot_with_pack(root: str, repo: str, workdir: str | None = None, cpu: bool = True) -> dict:
     """Boot ``root``, then load this pack and the test pack as real custom nodes.
 
     The pack is linked into ``<workdir>/custom_nodes/comfyui-importance-token-merging`` first: the pinned host
     registers a pack under its folder's name, and a checkout folder can be called anything (even ``nodes``).
     """
     workdir = workdir or tempfile.mkdtemp(prefix="itm-comfy-")
-    info = boot(root, workdir)
+    info = boot(root, workdir, cpu=cpu)
     custom = os.path.join(workdir, "custom_nodes")
     os.makedirs(custom, exist_ok=True)
     link = os.path.join(custom, PACK_DIR_NAME)

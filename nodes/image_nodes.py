@@ -70,12 +70,8 @@ class ImportanceTokenMerging:
                                            end_percent=end_percent, levels=levels))
 
 
-class ImportanceTokenMergingAdvanced:
+class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
     DESCRIPTION = ImportanceTokenMerging.DESCRIPTION + " Exposes every setting of the method."
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = (_MODEL_OUT_TOOLTIP,)
-    FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -220,6 +220,7 @@ def run_model(arch, size, ratios, reps, device, timers):
 
 
 def main(argv=None):
+    global STEPS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15@512,sd15@768")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
@@ -228,7 +229,6 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=STEPS, help="sampler steps per run; the first is not timed")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU ComfyUI picks (default: CPU)")
     args = parser.parse_args(argv)
-    global STEPS
     STEPS = max(2, args.steps)
     ratios = [float(r) for r in args.ratios.split(",")]
 

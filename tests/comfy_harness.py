@@ -302,17 +302,10 @@ def _cond(ctx_dim: int, pooled_dim: int | None, seed: int, tokens: int = 77, ext
     return out[0], out[1]
 
 
-def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4,
-                    in_channels: int = 4, device=None):
-    """Tiny SD1.5-architecture UNet (real comfy.supported_models.SD15 / model_base.BaseModel / ModelPatcher).
-
-    Same level layout as SD1.5 (channel_mult 1,2,4,4; attention at levels 0-2, depth 1; none at the lowest level),
-    ~8.6M params at model_channels=32 (SD1.5 / 100). Returns (ModelPatcher, positive CONDITIONING, negative CONDITIONING); cond = [[ [1,77,ctx], {} ]].
-    """
-    _need_boot()
+def sd15_unet_config(model_channels: int = 32, context_dim: int = 64, num_heads: int = 4, in_channels: int = 4) -> dict:
+    """ComfyUI's SD1.5 UNet config (level layout, depths) at a chosen width."""
     import torch
-    import comfy.supported_models
-    unet_config = {
+    return {
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
         "legacy": False, "adm_in_channels": None, "dtype": torch.float32, "in_channels": in_channels,
         "model_channels": model_channels, "num_res_blocks": [2, 2, 2, 2],
@@ -322,6 +315,32 @@ def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
+
+
+def tiny_controlnet(seed: int = 0):
+    """A ControlNet for the tiny SD1.5 model, built like ComfyUI's loader builds one (cldm.ControlNet + ControlNet)."""
+    _need_boot()
+    import torch
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    config = sd15_unet_config()
+    config.pop("out_channels")
+    config["hint_channels"] = 3
+    control_model = comfy.cldm.cldm.ControlNet(**config)
+    init_weights_(control_model, seed=seed)
+    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None)
+
+
+def tiny_sd15_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, num_heads: int = 4,
+                    in_channels: int = 4, device=None):
+    """Tiny SD1.5-architecture UNet (real comfy.supported_models.SD15 / model_base.BaseModel / ModelPatcher).
+
+    Same level layout as SD1.5 (channel_mult 1,2,4,4; attention at levels 0-2, depth 1; none at the lowest level),
+    ~8.6M params at model_channels=32 (SD1.5 / 100). Returns (ModelPatcher, positive CONDITIONING, negative CONDITIONING); cond = [[ [1,77,ctx], {} ]].
+    """
+    _need_boot()
+    import comfy.supported_models
+    unet_config = sd15_unet_config(model_channels, context_dim, num_heads, in_channels)
     patcher = _build(comfy.supported_models.SD15, unet_config, seed, device)
     pos, neg = _cond(context_dim, None, seed + 1)
     return patcher, pos, neg
@@ -355,6 +374,48 @@ def tiny_sdxl_model(seed: int = 0, model_channels: int = 32, context_dim: int = 
              "target_width": width, "target_height": height}
     pos, neg = _cond(context_dim, pooled_dim, seed + 1, extra=sizes)
     return patcher, pos, neg
+
+
+def tiny_sdxl_refiner_model(seed: int = 0, model_channels: int = 32, context_dim: int = 64, pooled_dim: int = 32,
+                            depth: int = 2, device=None):
+    """Tiny SDXL-refiner-architecture UNet (comfy.supported_models.SDXLRefiner -> model_base.SDXLRefiner).
+
+    Refiner layout: channel_mult 1,2,4,4, attention at levels 1 and 2 only (depth 4 in the real model), none at the
+    latent resolution. adm_in_channels = pooled_dim + 5*256 (sizes + aesthetic score).
+    """
+    _need_boot()
+    import torch
+    import comfy.supported_models
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": pooled_dim + 5 * 256,
+        "dtype": torch.float32, "in_channels": 4, "model_channels": model_channels, "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [0, 0, depth, depth, depth, depth, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": depth, "use_linear_in_transformer": True, "context_dim": context_dim,
+        "num_head_channels": 16, "num_heads": -1,
+        "transformer_depth_output": [0, 0, 0, depth, depth, depth, depth, depth, depth, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    patcher = _build(comfy.supported_models.SDXLRefiner, unet_config, seed, device)
+    pos, neg = _cond(context_dim, pooled_dim, seed + 1)
+    return patcher, pos, neg
+
+
+def write_tiny_lora(model, path: str, rank: int = 4, seed: int = 0) -> int:
+    """Write a LoRA file (kohya ``lora_unet_*`` keys) for every self-attention to_q/to_k/to_v of ``model``."""
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, param in model.model.diffusion_model.named_parameters():
+        if ".attn1.to_" in name and name.endswith(".weight") and ".to_out" not in name:
+            key = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+            out_dim, in_dim = param.shape
+            tensors[f"{key}.lora_up.weight"] = torch.randn(out_dim, rank, generator=g) * 0.1
+            tensors[f"{key}.lora_down.weight"] = torch.randn(rank, in_dim, generator=g) * 0.1
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, path)
+    return len(tensors) // 3
 
 
 def full_sd15_model(seed: int = 0, device=None):

@@ -314,3 +314,62 @@ def test_custom_sampler_with_guiders(comfy):
     runs = summaries("probe")[-2:]
     assert len(runs) == 2 and all(run.evaluations_with_map == 3 for run in runs)
     assert torch.isfinite(latent("out_cfg")).all() and torch.isfinite(latent("out_dual")).all()
+
+
+def test_lora_then_merging(comfy, tmp_path):
+    import folder_paths
+
+    model, _, _ = H.tiny_sd15_model()
+    # 16 transformer blocks (6 down, 1 middle, 9 up) x to_q, to_k, to_v
+    assert H.write_tiny_lora(model, str(tmp_path / "tiny_lora.safetensors")) == 48
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    g = sample_graph()
+    lora = g.add("LoraLoaderModelOnly", model=["1", 0], lora_name="tiny_lora.safetensors", strength_model=1.0)
+    g.prompt["merge"]["inputs"]["model"] = lora[0]
+    H.run_prompt(g.prompt)
+    with_lora = latent("out").clone()
+    H.run_prompt(sample_graph().prompt)
+    assert not torch.equal(with_lora, latent("out"))  # the LoRA really applied under the merging patches
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and (128, 128) in token_counts()
+
+
+def test_sdxl_base_and_refiner(comfy):
+    """Base and refiner each get their own merging node; KSamplerAdvanced hands over half-way."""
+    g = Graph()
+    base = g.add("HostTestTinyModel", arch="sdxl", seed=0)
+    refiner = g.add("HostTestTinyModel", arch="sdxl_refiner", seed=1)
+    base_model = g.add("ITM_ImportanceTokenMerging", model=base[0], **SIMPLE)
+    refiner_model = g.add("ITM_ImportanceTokenMerging", model=refiner[0], **SIMPLE)
+    probe_base = g.add("HostTestAttnProbe", "probe", model=base_model[0])
+    probe_refiner = g.add("HostTestAttnProbe", "probe_refiner", model=refiner_model[0])
+    empty = g.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+    common = dict(noise_seed=3, steps=6, cfg=5.0, sampler_name="euler", scheduler="normal")
+    first = g.add("KSamplerAdvanced", model=probe_base[0], positive=base[1], negative=base[2], latent_image=empty[0],
+                  add_noise="enable", start_at_step=0, end_at_step=3, return_with_leftover_noise="enable", **common)
+    second = g.add("KSamplerAdvanced", model=probe_refiner[0], positive=refiner[1], negative=refiner[2],
+                   latent_image=first[0], add_noise="disable", start_at_step=3, end_at_step=10000,
+                   return_with_leftover_noise="disable", **common)
+    g.add("HostTestLatentStats", "out", samples=second[0])
+    H.run_prompt(g.prompt)
+    assert torch.isfinite(latent("out")).all()
+    base_run, refiner_run = summaries("probe")[-1], summaries("probe_refiner")[-1]
+    assert base_run.tokens == {1: (64, 32)} and base_run.evaluations_with_map == 2
+    # the refiner has no attention at latent resolution either: auto picks its level 1; its first step has no map
+    assert refiner_run.tokens == {1: (64, 32)} and refiner_run.evaluations_without_map == 1
+    assert refiner_run.evaluations_with_map == 2
+
+
+def test_controlnet(comfy):
+    g = sample_graph()
+    control = g.add("HostTestTinyControlNet", seed=2)
+    image = g.add("EmptyImage", width=128, height=128, batch_size=1, color=0x808080)
+    applied = g.add("ControlNetApply", conditioning=["1", 1], control_net=control[0], image=image[0], strength=1.0)
+    g.prompt["sampler"]["inputs"]["positive"] = applied[0]
+    H.run_prompt(g.prompt)
+    with_control = latent("out").clone()
+    H.run_prompt(sample_graph().prompt)
+    assert not torch.equal(with_control, latent("out"))  # the ControlNet really contributed
+    assert torch.isfinite(with_control).all()
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and (128, 128) in token_counts()

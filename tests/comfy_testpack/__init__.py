@@ -23,7 +23,7 @@ class HostTestTinyModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "arch": (["sd15", "sdxl", "sd15_inpaint"],),
+            "arch": (["sd15", "sdxl", "sd15_inpaint", "sdxl_refiner"],),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
         }}
 
@@ -36,6 +36,8 @@ class HostTestTinyModel:
         b = _boot()
         if arch == "sd15_inpaint":
             return b.tiny_sd15_model(seed=seed, in_channels=9)
+        if arch == "sdxl_refiner":
+            return b.tiny_sdxl_refiner_model(seed=seed)
         fn = b.tiny_sd15_model if arch == "sd15" else b.tiny_sdxl_model
         return fn(seed=seed)
 
@@ -103,5 +105,19 @@ class HostTestAttnProbe:
         return (m,)
 
 
+class HostTestTinyControlNet:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed):
+        return (_boot().tiny_controlnet(seed),)
+
+
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
+NODE_CLASS_MAPPINGS["HostTestTinyControlNet"] = HostTestTinyControlNet
 NODE_DISPLAY_NAME_MAPPINGS["HostTestAttnProbe"] = "Host test: attention probe"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from . import unet
-from .settings import CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, WARMUP_MODES, MergeSettings
+from .settings import CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, SCOPES, WARMUP_MODES, MergeSettings
 from ..merging import DST_MODES
 
 log = logging.getLogger("comfyui_importance_tome")
@@ -40,6 +40,13 @@ _COMMON = {
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
                    "auto+1 also merges the next level down.",
     }),
+    "scope": (list(SCOPES), {
+        "default": "attention",
+        "tooltip": "attention: only self-attention runs on merged tokens (most faithful). transformer: whole "
+                   "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
+                   "token keeping its own input: much faster on SDXL, a little less faithful; other patches inside "
+                   "those blocks then see the merged token count.",
+    }),
 }
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
 
@@ -49,6 +56,9 @@ def _patch(model, settings: MergeSettings):
         name = type(getattr(model, "model", model)).__name__
         log.warning("Importance Token Merging: %s models are not supported yet; passing the model through unchanged.",
                     name)
+        return (model,)
+    if settings.ratio == 0:
+        log.info("Importance Token Merging: ratio 0, merging is off; the model passes through unchanged.")
         return (model,)
     return (unet.apply(model, settings),)
 
@@ -65,9 +75,9 @@ class ImportanceTokenMerging:
     def INPUT_TYPES(cls):
         return {"required": {"model": _MODEL_IN, **_COMMON}}
 
-    def patch(self, model, ratio, importance, start_percent, end_percent, levels):
+    def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope):
         return _patch(model, MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
-                                           end_percent=end_percent, levels=levels))
+                                           end_percent=end_percent, levels=levels, scope=scope))
 
 
 class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
@@ -106,7 +116,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "merge_cross_attn": ("BOOLEAN", {
                 "default": False,
-                "tooltip": "Also run cross-attention (text) on the merged tokens: faster, slightly less faithful.",
+                "tooltip": "Also run cross-attention (text) on the merged tokens: faster, slightly less faithful. "
+                           "(Always the case with scope = transformer.)",
             }),
             "merge_seed": ("INT", {
                 "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
@@ -115,10 +126,10 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
         }}
 
-    def patch(self, model, ratio, importance, start_percent, end_percent, levels, dst_fraction, pool_scale, dst_mode,
-              warmup_mode, cfg1_mode, merge_cross_attn, merge_seed):
+    def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
+              dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
-                                 end_percent=end_percent, levels=levels, dst_fraction=dst_fraction,
+                                 end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
                                  merge_cross_attn=merge_cross_attn, seed=merge_seed)
         return _patch(model, settings)

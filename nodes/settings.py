@@ -10,6 +10,7 @@ IMPORTANCE_SOURCES = ("cfg", "random")
 LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
 WARMUP_MODES = ("prune", "merge")
 CFG1_MODES = ("random", "force_uncond")
+SCOPES = ("attention", "transformer")
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
 
 
@@ -20,6 +21,7 @@ class MergeSettings:
     start_percent: float = 0.0
     end_percent: float = 1.0
     levels: str = "auto"
+    scope: str = "attention"
     dst_fraction: float = 0.25
     pool_scale: float = 1.4
     dst_mode: str = "random"
@@ -31,6 +33,7 @@ class MergeSettings:
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
         _choice("levels", self.levels, LEVEL_CHOICES)
+        _choice("scope", self.scope, SCOPES)
         _choice("dst_mode", self.dst_mode, DST_MODES)
         _choice("warmup_mode", self.warmup_mode, WARMUP_MODES)
         _choice("cfg1_mode", self.cfg1_mode, CFG1_MODES)

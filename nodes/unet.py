@@ -11,11 +11,17 @@ How it hooks in (the same on the 2024 host and on current ComfyUI):
   ComfyUI an ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh one; on hosts without wrappers a run is
   detected when sigma goes up again or the latent size changes.
 
+With ``scope = "transformer"`` the merge happens once per transformer stack instead: every SpatialTransformer is
+object-patched (scoped to the patched model, restored by ComfyUI) with a subclass that runs all its blocks
+(self-attention, cross-attention and feed-forward) on the merged tokens and adds each token's share of the update
+back to its own full-resolution input (``x + unmerge(blocks(merge(x)) - merge(x))``).
+
 A partition is computed once per level and model call (from the first block of that level) and reused by the
 other blocks of the level, so the index work stays off the per-block path.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -53,6 +59,10 @@ class RunSummary:
     tokens: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (N, kept)
     fallbacks: List[str] = field(default_factory=list)
 
+    @property
+    def empty(self) -> bool:
+        return not (self.evaluations_with_map or self.evaluations_without_map or self.evaluations_inactive)
+
     def describe(self) -> str:
         levels = ", ".join(f"level {lvl}: {n} -> {kept} tokens" for lvl, (n, kept) in sorted(self.tokens.items()))
         return (
@@ -76,7 +86,6 @@ class RunState:
         self.last_sigma: Optional[float] = None
         self.call: Optional[list] = None  # cond_or_uncond list object of the current model call (its identity)
         self.call_active = False
-        self.call_has_map = False
         self.partitions: Dict[int, Optional[Partition]] = {}
         self.block: Optional[Partition] = None  # partition of the block being run (between patch and output patch)
         self.block_mode = "mean"
@@ -101,12 +110,11 @@ class MergeRuntime:
     def summaries(self) -> List[RunSummary]:
         """Finished runs (oldest first), plus the current run on hosts where a run's end is not signalled."""
         current = self.run.summary
-        live = current.evaluations_with_map or current.evaluations_without_map or current.evaluations_inactive
-        return list(self.history) + ([current] if live else [])
+        return list(self.history) + ([] if current.empty else [current])
 
     def finish_run(self) -> None:
         run = self.run
-        if run.summary.evaluations_with_map or run.summary.evaluations_without_map or run.summary.evaluations_inactive:
+        if not run.summary.empty:
             self.history.append(run.summary)
             del self.history[:-8]
             log.info("Importance Token Merging (%s, ratio %.2f): %s", self.settings.importance, self.settings.ratio,
@@ -138,11 +146,10 @@ class MergeRuntime:
         run.partitions = {}
         run.block = None
         run.call_active = sigma is None or self.sigma_end <= sigma <= self.sigma_start
-        run.call_has_map = run.map is not None
         if new_eval:
             if not run.call_active:
                 run.summary.evaluations_inactive += 1
-            elif run.call_has_map and self.settings.importance == "cfg":
+            elif run.map is not None and self.settings.importance == "cfg":
                 run.summary.evaluations_with_map += 1
             else:
                 run.summary.evaluations_without_map += 1
@@ -321,6 +328,55 @@ class ImportanceCapture:
 PATCH_TYPES = (SelfAttnMerge, SelfAttnUnmerge, CrossAttnMerge, CrossAttnUnmerge, ImportanceCapture)
 
 
+@functools.lru_cache(maxsize=None)
+def merged_stack_class():
+    """A subclass of the host's SpatialTransformer whose blocks run on merged tokens (``scope = "transformer"``)."""
+    from comfy.ldm.modules.attention import SpatialTransformer  # noqa: PLC0415 (host module)
+
+    class MergedSpatialTransformer(SpatialTransformer):
+        itm_stack = True
+
+        def forward(self, x, context=None, transformer_options={}):  # noqa: B006 (the host's own signature)
+            if not isinstance(context, list):
+                context = [context] * len(self.transformer_blocks)
+            _, _, height, width = x.shape
+            transformer_options["activations_shape"] = list(x.shape)
+            x_in = x
+            x = self.norm(x)
+            if not self.use_linear:
+                x = self.proj_in(x)
+            x = x.movedim(1, 3).flatten(1, 2).contiguous()
+            if self.use_linear:
+                x = self.proj_in(x)
+            runtime = _runtime(transformer_options)
+            part = runtime.partition_for(x, transformer_options) if runtime is not None else None
+            if part is not None:
+                runtime.run.summary.merged_calls += 1
+                full, x = x, part.merge(x, runtime.run.block_mode)
+                merged_in = x
+            for index, block in enumerate(self.transformer_blocks):
+                transformer_options["block_index"] = index
+                x = block(x, context=context[index], transformer_options=transformer_options)
+            if part is not None:
+                x = full + part.unmerge(x - merged_in)
+            if self.use_linear:
+                x = self.proj_out(x)
+            x = x.reshape(x.shape[0], height, width, x.shape[-1]).movedim(3, 1).contiguous()
+            if not self.use_linear:
+                x = self.proj_out(x)
+            return x + x_in
+
+    return MergedSpatialTransformer
+
+
+def _merged_stack(module):
+    """A MergedSpatialTransformer sharing ``module``'s parameters and submodules (nothing is copied)."""
+    cls = merged_stack_class()
+    wrapper = cls.__new__(cls)
+    wrapper.__dict__.update(module.__dict__)
+    return wrapper
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Current ComfyUI: a fresh runtime for each sampling run, summary logged at the end."""
     guider = executor.class_obj
@@ -356,8 +412,10 @@ def _model_sampling(model):
     return getattr(getattr(model, "model", None), "model_sampling", None)
 
 
-def _remove_ours(model_options: dict) -> None:
+def _remove_ours(patcher) -> None:
     """Drop patches of an earlier Importance Token Merging node so chaining two nodes does not merge twice."""
+    model_options = patcher.model_options
+    patcher.object_patches = {k: v for k, v in patcher.object_patches.items() if not getattr(v, "itm_stack", False)}
     options = model_options.setdefault("transformer_options", {})
     patches = options.get("patches")
     if patches:
@@ -371,14 +429,20 @@ def _remove_ours(model_options: dict) -> None:
 def apply(model, settings: MergeSettings):
     """Clone ``model`` and attach importance merging. The input model is never modified."""
     patched = model.clone()
-    _remove_ours(patched.model_options)
+    _remove_ours(patched)
     runtime = MergeRuntime(settings, sigma_range(_model_sampling(model), settings.start_percent, settings.end_percent))
     patched.model_options["transformer_options"][KEY] = runtime
-    patched.set_model_attn1_patch(SelfAttnMerge())
-    patched.set_model_attn1_output_patch(SelfAttnUnmerge())
-    if settings.merge_cross_attn:
-        patched.set_model_attn2_patch(CrossAttnMerge())
-        patched.set_model_attn2_output_patch(CrossAttnUnmerge())
+    if settings.scope == "transformer":
+        stack_type = merged_stack_class().__mro__[1]
+        for name, module in patched.model.diffusion_model.named_modules():
+            if type(module) is stack_type:  # not SpatialVideoTransformer (video models) or other subclasses
+                patched.add_object_patch(f"diffusion_model.{name}", _merged_stack(module))
+    else:
+        patched.set_model_attn1_patch(SelfAttnMerge())
+        patched.set_model_attn1_output_patch(SelfAttnUnmerge())
+        if settings.merge_cross_attn:
+            patched.set_model_attn2_patch(CrossAttnMerge())
+            patched.set_model_attn2_output_patch(CrossAttnUnmerge())
     if settings.importance == "cfg":
         force = settings.cfg1_mode == "force_uncond"
         patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)

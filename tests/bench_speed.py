@@ -13,7 +13,7 @@ Also reported, per model:
 * ideal: from a profile of the unmerged run, the share A of an evaluation spent in self-attention at the levels
   the node merges; if that attention shrank by (1 − r)² and nothing else cost anything, the speed-up would be
   T / (T − A·(1 − (1 − r)²)). achieved/ideal = achieved saving / ideal saving.
-* overheads of this pack (cfg mode): importance capture and matching per step, merge + unmerge per block.
+* overheads of this pack (cfg mode): importance capture and matching per step, merge + unmerge per merged call (a block, or a whole transformer stack with scope=transformer).
 * peak memory: CUDA max allocated on a GPU; on the CPU the peak resident set size during the timed steps.
 Writes <out>/speed_<host>_<device>.md, .csv and .png (speed-up vs ratio).
 """
@@ -110,19 +110,26 @@ def build(arch, size, device):
     return H.full_sdxl_model(width=size, height=size, device=device)
 
 
-def method_models(model, ratios, has_builtin):
-    """(name, ratio, patched ModelPatcher) for every method."""
+METHODS = ("none", "builtin", "itm-cfg", "itm-random", "itm-cfg-transformer", "itm-random-transformer")
+
+
+def method_models(model, ratios, has_builtin, methods):
+    """(name, ratio, patched ModelPatcher) for every method: itm-<importance>[-transformer] are this pack's node
+    with levels=auto and scope attention (default) or transformer."""
     import nodes
 
     simple = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()
-    out = [("none", 0.0, model)]
+    out = [("none", 0.0, model)] if "none" in methods else []
     for ratio in ratios:
-        if has_builtin:
+        if has_builtin and "builtin" in methods:
             out.append(("builtin", ratio, _builtin(model, ratio)))
-        for importance in ("cfg", "random"):
-            (patched,) = simple.patch(model, ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
-                                      levels="auto")
-            out.append((f"itm-{importance}", ratio, patched))
+        for name in methods:
+            if name.startswith("itm-"):
+                importance = name.split("-")[1]
+                scope = "transformer" if name.endswith("-transformer") else "attention"
+                (patched,) = simple.patch(model, ratio=ratio, importance=importance, start_percent=0.0,
+                                          end_percent=1.0, levels="auto", scope=scope)
+                out.append((name, ratio, patched))
     return out
 
 
@@ -187,7 +194,7 @@ def fmt(values):
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def run_model(arch, size, ratios, reps, device, timers):
+def run_model(arch, size, ratios, reps, device, timers, method_names):
     import torch
 
     model, positive, negative = build(arch, size, device)
@@ -195,7 +202,7 @@ def run_model(arch, size, ratios, reps, device, timers):
     import nodes
 
     has_builtin = "TomePatchModel" in nodes.NODE_CLASS_MAPPINGS
-    methods = method_models(model, ratios, has_builtin)
+    methods = method_models(model, ratios, has_builtin, method_names)
     times = {(name, ratio): [] for name, ratio, _ in methods}
     peaks = {(name, ratio): 0 for name, ratio, _ in methods}
     overheads = {}
@@ -207,8 +214,8 @@ def run_model(arch, size, ratios, reps, device, timers):
             steps, peak = sample_steps(patched, positive, negative, latent)
             times[(name, ratio)] += steps
             peaks[(name, ratio)] = max(peaks[(name, ratio)], peak)
-            if name == "itm-cfg":
-                overheads.setdefault(ratio, []).append((dict(timers.total), dict(timers.calls)))
+            if name.startswith("itm-cfg"):
+                overheads.setdefault((name, ratio), []).append((dict(timers.total), dict(timers.calls)))
             print(f"[{arch}@{size}] rep {rep + 1}/{reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                   + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
     level = {"sd15": 0, "sdxl": 1}[arch]  # what levels="auto" merges
@@ -225,10 +232,14 @@ def main(argv=None):
     parser.add_argument("--models", default="sd15@512,sd15@768")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--methods", default="none,builtin,itm-cfg,itm-random,itm-cfg-transformer",
+                        help=f"comma-separated, from {','.join(METHODS)}")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
     parser.add_argument("--steps", type=int, default=STEPS, help="sampler steps per run; the first is not timed")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU ComfyUI picks (default: CPU)")
     args = parser.parse_args(argv)
+    if "none" not in args.methods.split(","):
+        args.methods = "none," + args.methods
     STEPS = max(2, args.steps)
     ratios = [float(r) for r in args.ratios.split(",")]
 
@@ -256,8 +267,8 @@ def main(argv=None):
     for spec in args.models.split(","):
         arch, size = spec.split("@")
         times, peaks, overheads, attn, profiled_step = run_model(arch, int(size), ratios, args.reps,
-                                                                 None, timers)
-        base = statistics.median(times[("none", 0.0)])
+                                                                 None, timers, args.methods.split(","))
+        base = statistics.median(times[("none", 0.0)])  # "none" is always measured
         for (name, ratio), values in times.items():
             med = statistics.median(values)
             builtin = times.get(("builtin", ratio))
@@ -267,7 +278,7 @@ def main(argv=None):
                 "speedup_vs_builtin": round(statistics.median(builtin) / med, 3) if builtin and name != "builtin" else "",
                 "peak_mem_gib": round(peaks[(name, ratio)] / 2**30, 2),
                 "ideal_speedup": "", "achieved_over_ideal": "", "capture_ms_per_step": "",
-                "matching_ms_per_step": "", "merge_unmerge_ms_per_block": "", "overhead_share": "",
+                "matching_ms_per_step": "", "merge_unmerge_ms_per_call": "", "overhead_share": "",
             }
             if name.startswith("itm") or name == "builtin":
                 attn_share = attn / profiled_step
@@ -275,15 +286,16 @@ def main(argv=None):
                 achieved_saving = 1 - med / base
                 row["ideal_speedup"] = round(1 / (1 - ideal_saving), 3)
                 row["achieved_over_ideal"] = round(achieved_saving / ideal_saving, 3) if ideal_saving else ""
-            if name == "itm-cfg" and overheads.get(ratio):
+            runs = overheads.get((name, ratio))
+            if runs:
                 steps_timed = STEPS  # the wrapped functions ran on every step of each run
-                cap = statistics.median(t.get("capture", 0.0) for t, _ in overheads[ratio]) / steps_timed
-                match = statistics.median(t.get("matching", 0.0) for t, _ in overheads[ratio]) / steps_timed
-                mu = statistics.median(t.get("merge", 0.0) + t.get("unmerge", 0.0) for t, _ in overheads[ratio])
-                blocks = statistics.median(c.get("unmerge", 0) for _, c in overheads[ratio]) or 1
+                cap = statistics.median(t.get("capture", 0.0) for t, _ in runs) / steps_timed
+                match = statistics.median(t.get("matching", 0.0) for t, _ in runs) / steps_timed
+                mu = statistics.median(t.get("merge", 0.0) + t.get("unmerge", 0.0) for t, _ in runs)
+                blocks = statistics.median(c.get("unmerge", 0) for _, c in runs) or 1
                 row["capture_ms_per_step"] = round(cap * 1000, 2)
                 row["matching_ms_per_step"] = round(match * 1000, 2)
-                row["merge_unmerge_ms_per_block"] = round(mu / blocks * 1000, 2)
+                row["merge_unmerge_ms_per_call"] = round(mu / blocks * 1000, 2)
                 row["overhead_share"] = round((cap + match) / med, 4)
             rows.append(row)
         print(f"[{arch}@{size}] self-attention at the merged level: {attn:.3f}s of {profiled_step:.3f}s "  # noqa: T201
@@ -319,7 +331,8 @@ def write_outputs(rows, out, host, device, backend, args):
         return
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r["model"] for r in rows):
-        for method, style in (("builtin", ":"), ("itm-cfg", "-"), ("itm-random", "--")):
+        for method, style in (("builtin", ":"), ("itm-cfg", "-"), ("itm-random", "--"),
+                              ("itm-cfg-transformer", "-."), ("itm-random-transformer", "-.")):
             points = [(r["ratio"], r["speedup_vs_none"]) for r in rows if r["model"] == model and r["method"] == method]
             if points:
                 axes.plot(*zip(*points), style, marker="o", label=f"{model} {method}")

@@ -272,7 +272,7 @@ def init_weights_(module, seed: int = 0, gain: float = 1.0):
     return module
 
 
-def _build(config_cls, unet_config: dict, seed: int, device=None):
+def _build(config_cls, unet_config: dict, seed: int, device=None, state_dict=None):
     import torch
     import comfy.model_management
     import comfy.model_patcher
@@ -282,7 +282,7 @@ def _build(config_cls, unet_config: dict, seed: int, device=None):
         if k in unet_config:
             cfg.unet_config[k] = unet_config[k]
     cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "", device=torch.device("cpu"))     # -> comfy.model_base.BaseModel / SDXL
+    model = cfg.get_model(state_dict or {}, "", device=torch.device("cpu"))  # -> comfy.model_base.BaseModel / SDXL
     init_weights_(model.diffusion_model, seed=seed)
     model.eval()
     load = torch.device(device) if device is not None else comfy.model_management.get_torch_device()
@@ -399,6 +399,26 @@ def tiny_sdxl_refiner_model(seed: int = 0, model_channels: int = 32, context_dim
     patcher = _build(comfy.supported_models.SDXLRefiner, unet_config, seed, device)
     pos, neg = _cond(context_dim, pooled_dim, seed + 1)
     return patcher, pos, neg
+
+
+def tiny_zero123_model(seed: int = 0, context_dim: int = 64, device=None):
+    """Tiny Stable Zero123 (comfy.supported_models.Stable_Zero123 -> model_base.Stable_Zero123): an SD1.5-layout
+    UNet with 8 input channels (4 noise + 4 concat image latent) and a cc_projection from image embedding + camera
+    (context_dim + 4) to context_dim. Each latent in a batch is one view. Conditioning as StableZero123_Conditioning
+    makes it (negative = zeros)."""
+    _need_boot()
+    import torch
+    import comfy.supported_models
+    g = torch.Generator().manual_seed(seed + 7)
+    state_dict = {"cc_projection.weight": torch.randn(context_dim, context_dim + 4, generator=g) * 0.1,
+                  "cc_projection.bias": torch.zeros(context_dim)}
+    unet_config = sd15_unet_config(context_dim=context_dim, in_channels=8)
+    patcher = _build(comfy.supported_models.Stable_Zero123, unet_config, seed, device, state_dict)
+    cond = torch.randn(1, 1, context_dim + 4, generator=g)
+    image_latent = torch.randn(1, 4, 16, 16, generator=g)
+    positive = [[cond, {"concat_latent_image": image_latent}]]
+    negative = [[torch.zeros_like(cond), {"concat_latent_image": torch.zeros_like(image_latent)}]]
+    return patcher, positive, negative
 
 
 def write_tiny_lora(model, path: str, rank: int = 4, seed: int = 0) -> int:

@@ -15,7 +15,7 @@ def _prompt(arch="sd15", merge=True, ratio=0.5):
     if merge:
         prompt["5"] = {"class_type": "ITM_ImportanceTokenMerging", "inputs": {
             "model": ["1", 0], "ratio": ratio, "importance": "cfg", "start_percent": 0.0, "end_percent": 1.0,
-            "levels": "auto"}}
+            "levels": "auto", "scope": "attention"}}
     return prompt
 
 

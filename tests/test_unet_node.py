@@ -8,7 +8,8 @@ import comfy_harness as H
 from graph import Graph
 
 KSAMPLER = dict(seed=42, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto")
+SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
+STACK = dict(SIMPLE, scope="transformer")
 ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="random", warmup_mode="prune",
                 cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
 
@@ -373,3 +374,50 @@ def test_controlnet(comfy):
     assert torch.isfinite(with_control).all()
     run = summaries("probe")[-1]
     assert run.evaluations_with_map == 3 and (128, 128) in token_counts()
+
+
+def test_ratio_zero_is_off(comfy, caplog):
+    caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
+    model, _, _ = H.tiny_sd15_model()
+    (out,) = _nodes()["ITM_ImportanceTokenMerging"]().patch(model, **dict(SIMPLE, ratio=0.0))
+    assert out is model
+    assert any("ratio 0, merging is off" in r.getMessage() for r in caplog.records)
+
+
+def test_stable_zero123_views_get_their_own_maps(comfy):
+    """Stable Zero123 generates a batch of independent views: each view is a sample with its own importance map."""
+    H.run_prompt(sample_graph(arch="zero123", batch=3).prompt)
+    calls = records("probe")
+    assert {r["rows"] for r in calls} == {6} and {r["original_shape"][1] for r in calls} == {8}
+    runtime = _nodes()["HostTestAttnProbe"].RUNTIMES["probe"]
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and run.fallbacks == [] and (128, 128) in token_counts()
+    if H.host_kind() == "old":  # the last run's state is still live there: its map has one row per view
+        assert runtime.run.map.shape == (3, 16, 16)
+        assert not torch.equal(runtime.run.map[0], runtime.run.map[1])
+
+
+@pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
+def test_transformer_scope_runs_whole_stacks_on_merged_tokens(comfy, arch, full, kept):
+    H.run_prompt(sample_graph(arch, merge=None).prompt)
+    reference = latent("out").clone()
+    H.run_prompt(sample_graph(arch, merge=STACK).prompt)
+    merged = latent("out").clone()
+    relative = float((merged - reference).norm() / reference.norm())
+    assert torch.isfinite(merged).all() and 1e-5 < relative < 0.5, relative
+    run = summaries("probe")[-1]
+    assert run.evaluations_with_map == 3 and run.tokens == {{"sd15": 0, "sdxl": 1}[arch]: (full, kept)}
+    # every block of the merged level, not only its first, sees the merged tokens in attention (and in its FFN)
+    assert (kept, kept) in token_counts() and (full, full) not in token_counts()
+    if arch == "sdxl":  # depth-2 stacks: both blocks of each stack at level 1 ran merged
+        assert sum(r["tokens"] == kept for r in records("probe")) == 10 * 4  # 10 blocks x 4 steps
+
+
+def test_transformer_scope_is_removed_when_chained_and_leaves_input_alone(comfy):
+    model, _, _ = H.tiny_sd15_model()
+    node = _nodes()["ITM_ImportanceTokenMerging"]()
+    (stacked,) = node.patch(model, **STACK)
+    assert model.object_patches == {}
+    assert len(stacked.object_patches) == 16  # every SpatialTransformer of the SD1.5 layout
+    (attention,) = node.patch(stacked, **SIMPLE)
+    assert attention.object_patches == {} and len(stacked.object_patches) == 16

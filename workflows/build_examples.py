@@ -21,7 +21,7 @@ SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 POSITIVE = "a lighthouse on a cliff at sunset, detailed, dramatic clouds"
 NEGATIVE = "blurry, low quality"
-MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto")
+MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
 
 
 def schema_from_host():

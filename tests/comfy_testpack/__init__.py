@@ -23,7 +23,7 @@ class HostTestTinyModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "arch": (["sd15", "sdxl", "sd15_inpaint", "sdxl_refiner"],),
+            "arch": (["sd15", "sdxl", "sd15_inpaint", "sdxl_refiner", "zero123"],),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
         }}
 
@@ -38,6 +38,8 @@ class HostTestTinyModel:
             return b.tiny_sd15_model(seed=seed, in_channels=9)
         if arch == "sdxl_refiner":
             return b.tiny_sdxl_refiner_model(seed=seed)
+        if arch == "zero123":
+            return b.tiny_zero123_model(seed=seed)
         fn = b.tiny_sd15_model if arch == "sd15" else b.tiny_sdxl_model
         return fn(seed=seed)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -73,6 +73,13 @@ class RunSummary:
         )
 
 
+class LevelMerge(NamedTuple):
+    """How one level is merged in the current model call."""
+
+    partition: Partition
+    mode: str  # "mean" or "prune"
+
+
 class RunState:
     """Mutable state of one sampling run."""
 
@@ -81,14 +88,14 @@ class RunState:
         self.generator = torch.Generator()
         self.generator.manual_seed(settings.seed)
         self.map: Optional[torch.Tensor] = None  # [b, H, W] from the previous evaluation
+        self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no map will come
         self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
         self.auto_level: Optional[int] = None
         self.last_sigma: Optional[float] = None
         self.call: Optional[list] = None  # cond_or_uncond list object of the current model call (its identity)
         self.call_active = False
-        self.partitions: Dict[int, Optional[Partition]] = {}
-        self.block: Optional[Partition] = None  # partition of the block being run (between patch and output patch)
-        self.block_mode = "mean"
+        self.partitions: Dict[int, Optional[LevelMerge]] = {}
+        self.block: Optional[LevelMerge] = None  # merge of the block being run (between patch and output patch)
         self.logged: set = set()
 
 
@@ -154,8 +161,8 @@ class MergeRuntime:
             else:
                 run.summary.evaluations_without_map += 1
 
-    def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[Partition]:
-        """The partition for this block's tokens, or None to leave the block alone."""
+    def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
+        """The partition (and merge mode) for this block's tokens, or None to leave the block alone."""
         if extra.get("cond_or_uncond") is not self.run.call or self.run.call is None:
             self._start_call(extra)  # may start a new run (new RunState)
         run = self.run
@@ -176,7 +183,7 @@ class MergeRuntime:
             run.partitions[level] = self._make_partition(n, extra, level, height, width)
         return run.partitions[level]
 
-    def _make_partition(self, n: torch.Tensor, extra: dict, level: int, height: int, width: int) -> Optional[Partition]:
+    def _make_partition(self, n: torch.Tensor, extra: dict, level: int, height: int, width: int) -> Optional[LevelMerge]:
         run, settings = self.run, self.settings
         grid = TokenGrid.for_unet_level(height, width, level)
         chunks = len(extra.get("cond_or_uncond") or [0]) or 1
@@ -191,14 +198,15 @@ class MergeRuntime:
             if importance is not None:
                 scores = pool_to_grid(importance.to(n.device), grid)
                 part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
-                run.block_mode = "mean"
+                mode = "mean"
             else:
                 plan_sizes(grid.num_tokens, settings.random_config(), grid)  # raises if this grid can't be merged
                 part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
                                              row_sample=rows_for_samples(n.shape[0], samples, n.device),
                                              num_samples=samples)
-                warmup = settings.importance == "cfg"
-                run.block_mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
+                # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
+                warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
+                mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
         except ValueError as err:
             self.note(f"small{level}", "level %d (%dx%d tokens) is left unmerged: %s", level, grid.height, grid.width, err)
             return None
@@ -211,7 +219,7 @@ class MergeRuntime:
                      "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
                      part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
         run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
-        return part
+        return LevelMerge(part, mode)
 
     def _map_for_chunk(self, samples: int, height: int, width: int) -> Optional[torch.Tensor]:
         """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
@@ -247,7 +255,8 @@ class MergeRuntime:
         if self.settings.importance != "cfg":
             return
         # cfg = 1: no uncond pass was computed (current ComfyUI passes None; the 2024 host an all-zero prediction)
-        if args.get("uncond") is None or not bool(uncond.abs().amax() > 0):
+        run.no_uncond = args.get("uncond") is None or not bool(uncond.abs().amax() > 0)
+        if run.no_uncond:
             run.map = None
             self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
                       "ToMe baseline instead (set cfg1_mode = force_uncond on the advanced node to compute it)")
@@ -270,19 +279,19 @@ class SelfAttnMerge:
         runtime = _runtime(extra)
         if runtime is None:
             return n, context, value
-        part = runtime.partition_for(n, extra)
+        plan = runtime.partition_for(n, extra)
         run = runtime.run
-        run.block = part
-        if part is None:
+        run.block = plan
+        if plan is None:
             return n, context, value
         run.summary.merged_calls += 1
-        merged = part.merge(n, run.block_mode)
+        merged = plan.partition.merge(n, plan.mode)
 
         def like_n(t):  # keys/values: shorten them too when they are the block's own tokens (self-attention)
             if t is n:
                 return merged
             if isinstance(t, torch.Tensor) and t.ndim == 3 and t.shape[:2] == n.shape[:2]:
-                return part.merge(t, run.block_mode)
+                return plan.partition.merge(t, plan.mode)
             return t
 
         return merged, like_n(context), like_n(value)
@@ -293,10 +302,10 @@ class SelfAttnUnmerge:
 
     def __call__(self, n, extra):
         runtime = _runtime(extra)
-        part = runtime.run.block if runtime is not None else None
-        if part is None or n.shape[1] != part.sizes.num_kept:
+        plan = runtime.run.block if runtime is not None else None
+        if plan is None or n.shape[1] != plan.partition.sizes.num_kept:
             return n
-        return part.unmerge(n)
+        return plan.partition.unmerge(n)
 
 
 class CrossAttnMerge:
@@ -304,10 +313,10 @@ class CrossAttnMerge:
 
     def __call__(self, n, context, value, extra):
         runtime = _runtime(extra)
-        part = runtime.run.block if runtime is not None else None
-        if part is None or n.shape[1] != part.sizes.num_tokens:
+        plan = runtime.run.block if runtime is not None else None
+        if plan is None or n.shape[1] != plan.partition.sizes.num_tokens:
             return n, context, value
-        return part.merge(n, runtime.run.block_mode), context, value
+        return plan.partition.merge(n, plan.mode), context, value
 
 
 class CrossAttnUnmerge(SelfAttnUnmerge):
@@ -349,16 +358,16 @@ def merged_stack_class():
             if self.use_linear:
                 x = self.proj_in(x)
             runtime = _runtime(transformer_options)
-            part = runtime.partition_for(x, transformer_options) if runtime is not None else None
-            if part is not None:
+            plan = runtime.partition_for(x, transformer_options) if runtime is not None else None
+            if plan is not None:
                 runtime.run.summary.merged_calls += 1
-                full, x = x, part.merge(x, runtime.run.block_mode)
+                full, x = x, plan.partition.merge(x, plan.mode)
                 merged_in = x
             for index, block in enumerate(self.transformer_blocks):
                 transformer_options["block_index"] = index
                 x = block(x, context=context[index], transformer_options=transformer_options)
-            if part is not None:
-                x = full + part.unmerge(x - merged_in)
+            if plan is not None:
+                x = full + plan.partition.unmerge(x - merged_in)
             if self.use_linear:
                 x = self.proj_out(x)
             x = x.reshape(x.shape[0], height, width, x.shape[-1]).movedim(3, 1).contiguous()

@@ -93,9 +93,28 @@ def test_importance_map_steers_which_tokens_are_kept(comfy):
     n = torch.randn(2, 256, 32)
     extra = {"original_shape": [2, 4, 16, 16], "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0]),
              mod.KEY: runtime}
-    part = runtime.partition_for(n, extra)
-    kept = (part.roles[0] != 2).reshape(16, 16)
+    plan = runtime.partition_for(n, extra)
+    assert plan.mode == "mean"
+    kept = (plan.partition.roles[0] != 2).reshape(16, 16)
     assert kept[:8].all() and not kept[8:].any()
+
+
+def test_warmup_prunes_but_fallbacks_merge(comfy):
+    """Without a map yet (first step) the warm-up mode applies; without any map to come (cfg = 1) it is plain ToMe."""
+    mod = H.pack_module("nodes.unet")
+    model, _, _ = H.tiny_sd15_model()
+    patched = mod.apply(model, H.pack_module("nodes.settings").MergeSettings(warmup_mode="prune"))
+    runtime = patched.model_options["transformer_options"][mod.KEY]
+    n = torch.randn(2, 256, 32)
+
+    def plan(sigma):
+        extra = {"original_shape": [2, 4, 16, 16], "cond_or_uncond": [1, 0], "sigmas": torch.tensor([sigma]),
+                 mod.KEY: runtime}
+        return runtime.partition_for(n, extra)
+
+    assert plan(10.0).mode == "prune"  # first evaluation of the run: warm-up
+    runtime.run.no_uncond = True  # the cfg hook saw no uncond pass
+    assert plan(9.0).mode == "mean"
 
 
 def test_node_leaves_input_model_unchanged(comfy):

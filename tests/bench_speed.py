@@ -26,7 +26,6 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -164,7 +163,7 @@ def sample_steps(model, positive, negative, latent):
     return [b - a for a, b in zip(marks, marks[1:])], peak
 
 
-def attention_profile(model, positive, negative, latent, level):
+def attention_profile(model, positive, negative, latent):
     """Share of an unmerged evaluation spent in self-attention (to_q/k/v, attention, to_out) per UNet level."""
     merging = H.pack_module("merging")
     probe = model.clone()
@@ -219,7 +218,7 @@ def run_model(arch, size, ratios, reps, device, timers, method_names):
             print(f"[{arch}@{size}] rep {rep + 1}/{reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                   + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
     level = {"sd15": 0, "sdxl": 1}[arch]  # what levels="auto" merges
-    attention, profiled_step = attention_profile(model, positive, negative, latent, level)
+    attention, profiled_step = attention_profile(model, positive, negative, latent)
     print(f"[{arch}@{size}] self-attention per evaluation by level: "  # noqa: T201
           + ", ".join(f"level {lvl}: {t:.3f}s ({t / profiled_step:.1%})" for lvl, t in sorted(attention.items())))
     del model, methods
@@ -313,7 +312,7 @@ def write_outputs(rows, out, host, device, backend, args):
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# Speed benchmark — host {host}, device {device}, attention backend `{backend}`", "",
-             f"Command: `python tests/bench_speed.py --models {args.models} --ratios {args.ratios} --reps {args.reps}`",
+             f"Command: `python tests/bench_speed.py {' '.join(sys.argv[1:])}`",
              f"Seconds per model evaluation (cond+uncond batch), median (min–max) of {args.reps} reps × "
              f"{STEPS - 1} timed steps, interleaved.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -320,8 +320,6 @@ def _sample_features(metric: torch.Tensor, row_sample: torch.Tensor, num_samples
     """[S, N, C] unit features per sample: the normalised mean direction of the sample's rows."""
     dtype = metric.dtype if metric.is_cuda else torch.float32
     feats = F.normalize(metric.to(dtype), dim=-1)
-    if metric.shape[0] == num_samples and torch.equal(row_sample, torch.arange(num_samples, device=row_sample.device)):
-        return feats
     summed = feats.new_zeros((num_samples,) + tuple(feats.shape[1:])).index_add_(0, row_sample, feats)
     return F.normalize(summed, dim=-1)
 

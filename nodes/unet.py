@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -34,10 +34,8 @@ from ..merging import (
     find_unet_level,
     importance_map,
     importance_partition,
-    plan_sizes,
     pool_to_grid,
     random_grid_partition,
-    rows_for_samples,
 )
 from .settings import MergeSettings, sigma_range
 
@@ -90,7 +88,7 @@ class RunState:
         self.map: Optional[torch.Tensor] = None  # [b, H, W] from the previous evaluation
         self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no map will come
         self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
-        self.auto_level: Optional[int] = None
+        self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
         self.last_sigma: Optional[float] = None
         self.call: Optional[list] = None  # cond_or_uncond list object of the current model call (its identity)
         self.call_active = False
@@ -175,9 +173,9 @@ class MergeRuntime:
         level = find_unet_level(height, width, n.shape[1])
         if level is None:
             return None
-        if run.auto_level is None:
-            run.auto_level = level  # the first attention call of a forward is the highest-resolution one
-        if level not in self.settings.target_levels(run.auto_level):
+        if run.target_levels is None:  # the first attention call of a forward is the highest-resolution one
+            run.target_levels = self.settings.target_levels(level)
+        if level not in run.target_levels:
             return None
         if level not in run.partitions:
             run.partitions[level] = self._make_partition(n, extra, level, height, width)
@@ -200,9 +198,7 @@ class MergeRuntime:
                 part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
                 mode = "mean"
             else:
-                plan_sizes(grid.num_tokens, settings.random_config(), grid)  # raises if this grid can't be merged
                 part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
-                                             row_sample=rows_for_samples(n.shape[0], samples, n.device),
                                              num_samples=samples)
                 # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
                 warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
@@ -390,14 +386,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     """Current ComfyUI: a fresh runtime for each sampling run, summary logged at the end."""
     guider = executor.class_obj
     original = guider.model_options
+    template = _runtime(original.get("transformer_options", {}))
+    if template is None:
+        return executor(*args, **kwargs)
     import comfy.model_patcher  # noqa: PLC0415 (host module, only present inside ComfyUI)
 
     guider.model_options = comfy.model_patcher.create_model_options_clone(original)
-    options = guider.model_options.setdefault("transformer_options", {})
-    runtime = options.get(KEY)
-    if not isinstance(runtime, MergeRuntime):
-        return executor(*args, **kwargs)
-    runtime = options[KEY] = runtime.fresh()
+    runtime = guider.model_options["transformer_options"][KEY] = template.fresh()
     try:
         return executor(*args, **kwargs)
     finally:

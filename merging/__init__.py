@@ -19,6 +19,8 @@ from .partition import (
     max_ratio,
     plan_sizes,
     random_grid_partition,
+    tile_token_order,
+    tiled_partition,
 )
 
 __all__ = [
@@ -39,4 +41,6 @@ __all__ = [
     "pool_to_grid",
     "random_grid_partition",
     "rows_for_samples",
+    "tile_token_order",
+    "tiled_partition",
 ]

@@ -279,6 +279,89 @@ def make_partition(
     raise TypeError(f"unknown partition config {type(config).__name__}")
 
 
+def tile_token_order(grid: TokenGrid, tiles_y: int, tiles_x: int) -> torch.Tensor:
+    """[T, Nt] token indices of each tile (row-major tiles, row-major tokens inside a tile, every frame).
+
+    Tiles are the views of a multi-view image laid out as a ``tiles_y × tiles_x`` grid in one latent (Zero123++).
+    Raises ValueError when the token grid does not split into equal tiles.
+    """
+    if tiles_y < 1 or tiles_x < 1:
+        raise ValueError(f"tiles must be >= 1, got {tiles_y}x{tiles_x}")
+    if grid.height % tiles_y or grid.width % tiles_x:
+        raise ValueError(f"a {grid.height}x{grid.width} token grid does not split into {tiles_y}x{tiles_x} equal tiles")
+    th, tw = grid.height // tiles_y, grid.width // tiles_x
+    index = torch.arange(grid.num_tokens).reshape(grid.frames, tiles_y, th, tiles_x, tw)
+    return index.permute(1, 3, 0, 2, 4).reshape(tiles_y * tiles_x, -1)
+
+
+def tiled_partition(
+    metric: torch.Tensor,
+    config: PartitionConfig,
+    grid: TokenGrid,
+    tiles: tuple,
+    *,
+    importance: Optional[torch.Tensor] = None,
+    row_sample: Optional[torch.Tensor] = None,
+    num_samples: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Partition:
+    """A partition that never merges across tiles: each tile of every sample is partitioned on its own (with the
+    same config, so each tile loses the same share of tokens) and the results are laid side by side.
+
+    ``tiles`` is ``(tiles_y, tiles_x)``; ``(1, 1)`` is the same as :func:`make_partition`. ``importance`` is [S, N]
+    (or [S, ...] with N positions) when ``config`` is an :class:`ImportanceConfig`.
+    """
+    tiles_y, tiles_x = int(tiles[0]), int(tiles[1])
+    batch, num_tokens, channels = _check_metric(metric)
+    if grid.num_tokens != num_tokens:
+        raise ValueError(f"the token grid has {grid.num_tokens} tokens but the block has {num_tokens}")
+    if (tiles_y, tiles_x) == (1, 1):
+        return make_partition(metric, config, grid=grid, importance=importance, row_sample=row_sample,
+                              generator=generator)
+    device = metric.device
+    order = tile_token_order(grid, tiles_y, tiles_x).to(device)  # [T, Nt]
+    num_tiles, per_tile = order.shape
+    if importance is not None:
+        num_samples = importance.shape[0]
+    elif num_samples is None:
+        num_samples = int(row_sample.max()) + 1 if row_sample is not None else batch
+    rows = _resolve_rows(batch, num_samples, row_sample, device)
+    tile_ids = torch.arange(num_tiles, device=device)
+    sub_metric = metric[:, order.reshape(-1)].reshape(batch * num_tiles, per_tile, channels)
+    sub_rows = (rows[:, None] * num_tiles + tile_ids[None, :]).reshape(-1)
+    sub_importance = None
+    if importance is not None:
+        flat = importance.reshape(num_samples, -1).to(device)
+        sub_importance = flat[:, order.reshape(-1)].reshape(num_samples * num_tiles, per_tile)
+    tile_grid = TokenGrid(grid.height // tiles_y, grid.width // tiles_x, grid.frames)
+    if isinstance(config, ImportanceConfig):
+        if sub_importance is None:
+            raise ValueError("an ImportanceConfig needs an importance map")
+        sub = importance_partition(sub_metric, sub_importance, config, row_sample=sub_rows, generator=generator)
+    else:
+        sub = random_grid_partition(sub_metric, tile_grid, config, row_sample=sub_rows,
+                                    num_samples=num_samples * num_tiles, generator=generator)
+    t = sub.sizes
+    sizes = MergeSizes(num_tokens, t.num_removed * num_tiles, t.num_dst * num_tiles, t.pool_size * num_tiles)
+    roles = torch.empty(num_samples, num_tokens, dtype=torch.uint8, device=device)
+    roles[:, order.reshape(-1)] = sub.roles.reshape(num_samples, -1)
+    if sub.is_identity:
+        return Partition(sizes, None, None, None, roles, rows)
+    kept = t.num_kept
+    offsets = (tile_ids * kept)[None, :, None]
+    slot_of_token = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+    slot_of_token[:, order.reshape(-1)] = (sub.slot_of_token.reshape(batch, num_tiles, per_tile) + offsets).reshape(batch, -1)
+    kept_tokens = order[tile_ids[None, :, None], sub.kept_tokens.reshape(batch, num_tiles, kept)].reshape(batch, -1)
+    return Partition(
+        sizes=sizes,
+        slot_of_token=slot_of_token,
+        kept_tokens=kept_tokens,
+        slot_counts=sub.slot_counts.reshape(batch, num_tiles * kept, 1),
+        roles=roles,
+        row_sample=rows,
+    )
+
+
 # --- internals -------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,9 @@
 """ComfyUI glue: node classes and one adapter per model family (only :mod:`.unet` so far)."""
-from .image_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .demo_model import DemoModelLoader
+from .image_nodes import NODE_CLASS_MAPPINGS as _IMAGE_NODES
+from .image_nodes import NODE_DISPLAY_NAME_MAPPINGS as _IMAGE_NAMES
+
+NODE_CLASS_MAPPINGS = {**_IMAGE_NODES, "ITM_DemoModelLoader": DemoModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {**_IMAGE_NAMES, "ITM_DemoModelLoader": "Load Demo Model (Fashion-MNIST, ITM)"}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

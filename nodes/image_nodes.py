@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 
 from . import unet
-from .settings import CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, SCOPES, WARMUP_MODES, MergeSettings
+from .settings import (
+    CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, SCOPES, TILE_CHOICES, WARMUP_MODES, MergeSettings,
+)
 from ..merging import DST_MODES
 
 log = logging.getLogger("comfyui_importance_tome")
@@ -124,14 +126,20 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "Seed for the random choices of the partition (destinations, warm-up cells). The sampler's "
                            "own noise is not affected.",
             }),
+            "tiles": (list(TILE_CHOICES), {
+                "default": "1x1",
+                "tooltip": "Multi-view images tiled in one latent (Zero123++: 3x2 = 3 rows, 2 columns of views): tokens "
+                           "are only merged with tokens of the same view. 1x1 = an ordinary image. The latent must "
+                           "split into equal tiles at the merged levels, otherwise those levels stay unmerged.",
+            }),
         }}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
-              dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed):
+              dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1"):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
-                                 merge_cross_attn=merge_cross_attn, seed=merge_seed)
+                                 merge_cross_attn=merge_cross_attn, seed=merge_seed, tiles=tiles)
         return _patch(model, settings)
 
 

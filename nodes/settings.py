@@ -11,6 +11,7 @@ LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
 WARMUP_MODES = ("prune", "merge")
 CFG1_MODES = ("random", "force_uncond")
 SCOPES = ("attention", "transformer")
+TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
 
 
@@ -29,6 +30,7 @@ class MergeSettings:
     cfg1_mode: str = "random"
     merge_cross_attn: bool = False
     seed: int = 0
+    tiles: str = "1x1"
 
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
@@ -37,6 +39,7 @@ class MergeSettings:
         _choice("dst_mode", self.dst_mode, DST_MODES)
         _choice("warmup_mode", self.warmup_mode, WARMUP_MODES)
         _choice("cfg1_mode", self.cfg1_mode, CFG1_MODES)
+        _choice("tiles", self.tiles, TILE_CHOICES)
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(
                 f"need 0 <= start_percent <= end_percent <= 1, got start_percent={self.start_percent}, "
@@ -58,6 +61,12 @@ class MergeSettings:
 
     def random_config(self) -> RandomGridConfig:
         return RandomGridConfig(self.ratio)
+
+    @property
+    def tile_grid(self) -> Tuple[int, int]:
+        """(rows, columns) of views tiled in one latent; (1, 1) = a single image."""
+        rows, cols = self.tiles.split("x")
+        return int(rows), int(cols)
 
     def target_levels(self, auto_level: int) -> FrozenSet[int]:
         """The UNet levels to merge, given the highest-resolution level that has attention."""

@@ -36,6 +36,7 @@ from ..merging import (
     importance_partition,
     pool_to_grid,
     random_grid_partition,
+    tiled_partition,
 )
 from .settings import MergeSettings, sigma_range
 
@@ -43,6 +44,8 @@ log = logging.getLogger("comfyui_importance_tome")
 
 KEY = "importance_tome"
 WRAPPER_KEY = "importance_tome"
+TEMPORAL_FLAG = "importance_tome_temporal"  # set in transformer_options inside temporal transformer blocks
+STACK_FLAG = "importance_tome_in_stack"  # set while a merged transformer stack runs its blocks
 
 
 @dataclass
@@ -164,8 +167,8 @@ class MergeRuntime:
         if extra.get("cond_or_uncond") is not self.run.call or self.run.call is None:
             self._start_call(extra)  # may start a new run (new RunState)
         run = self.run
-        if not run.call_active:
-            return None
+        if not run.call_active or extra.get(TEMPORAL_FLAG) or extra.get(STACK_FLAG):
+            return None  # temporal attention (frames as tokens), or a block already inside a merged stack
         shape = extra.get("original_shape")
         if shape is None or len(shape) != 4 or n.shape[0] != shape[0]:
             return None  # not a spatial call of a 2-D UNet (e.g. temporal attention): leave it alone
@@ -191,15 +194,24 @@ class MergeRuntime:
             return None
         samples = n.shape[0] // chunks
         use_importance = settings.importance == "cfg" and run.map is not None
-        importance = self._map_for_chunk(samples, height, width) if use_importance else None
+        importance = self._map_for_chunk(samples, height, width, extra) if use_importance else None
+        tiles = settings.tile_grid
         try:
             if importance is not None:
                 scores = pool_to_grid(importance.to(n.device), grid)
-                part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
+                if tiles == (1, 1):
+                    part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
+                else:
+                    part = tiled_partition(n, settings.importance_config(), grid, tiles, importance=scores,
+                                           generator=run.generator)
                 mode = "mean"
             else:
-                part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
-                                             num_samples=samples)
+                if tiles == (1, 1):
+                    part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
+                                                 num_samples=samples)
+                else:
+                    part = tiled_partition(n, settings.random_config(), grid, tiles, num_samples=samples,
+                                           generator=run.generator)
                 # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
                 warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
                 mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
@@ -217,10 +229,13 @@ class MergeRuntime:
         run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
         return LevelMerge(part, mode)
 
-    def _map_for_chunk(self, samples: int, height: int, width: int) -> Optional[torch.Tensor]:
+    def _map_for_chunk(self, samples: int, height: int, width: int, extra: dict) -> Optional[torch.Tensor]:
         """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
         run = self.run
         imap = run.map
+        frames = window_frames(extra, imap.shape[0], samples)
+        if frames is not None:  # a context window: the rows of the window's frames, in the window's order
+            imap = imap[torch.as_tensor(frames, dtype=torch.long, device=imap.device)]
         if imap.shape[0] != samples:
             self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
                       imap.shape[0], samples)
@@ -261,6 +276,28 @@ class MergeRuntime:
         run.areas = [tuple(int(v) for v in c["area"][:4]) for c in (args.get("cond") or []) + (args.get("uncond") or [])
                      if isinstance(c, dict) and c.get("area") is not None and len(c["area"]) >= 4]
         run.summary.maps_captured += 1
+
+
+def window_frames(extra: dict, full_length: int, samples: int) -> Optional[list]:
+    """The frame indices of the context window being computed, when the map (``full_length`` frames) must be sliced.
+
+    Core ComfyUI's context windows put the window in ``transformer_options["context_window"]`` (``index_list``
+    along ``dim``; 0 = the latent batch, which is the frame axis of UNet video models); AnimateDiff-Evolved puts
+    ``ad_params = {"full_length", "sub_idxs", "context_length"}`` there. Both objects outlive the windowed call, so
+    the slice is only taken when the window's length matches the chunk and its full length matches the map.
+    """
+    window = extra.get("context_window")
+    if window is not None and getattr(window, "dim", 0) == 0:
+        index = list(getattr(window, "index_list", None) or [])
+        total = getattr(window, "total_frames", full_length)
+        if index and len(index) == samples and total == full_length and max(index) < full_length:
+            return index
+    params = extra.get("ad_params")
+    if isinstance(params, dict) and params.get("sub_idxs") is not None:
+        index = list(params["sub_idxs"])
+        if len(index) == samples and params.get("full_length", full_length) == full_length and max(index) < full_length:
+            return index
+    return None
 
 
 def _runtime(extra: dict) -> Optional[MergeRuntime]:
@@ -359,9 +396,14 @@ def merged_stack_class():
                 runtime.run.summary.merged_calls += 1
                 full, x = x, plan.partition.merge(x, plan.mode)
                 merged_in = x
-            for index, block in enumerate(self.transformer_blocks):
-                transformer_options["block_index"] = index
-                x = block(x, context=context[index], transformer_options=transformer_options)
+            if plan is not None:
+                transformer_options[STACK_FLAG] = True
+            try:
+                for index, block in enumerate(self.transformer_blocks):
+                    transformer_options["block_index"] = index
+                    x = block(x, context=context[index], transformer_options=transformer_options)
+            finally:
+                transformer_options.pop(STACK_FLAG, None)
             if plan is not None:
                 x = full + plan.partition.unmerge(x - merged_in)
             if self.use_linear:
@@ -374,12 +416,35 @@ def merged_stack_class():
     return MergedSpatialTransformer
 
 
-def _merged_stack(module):
-    """A MergedSpatialTransformer sharing ``module``'s parameters and submodules (nothing is copied)."""
-    cls = merged_stack_class()
+@functools.lru_cache(maxsize=None)
+def temporal_block_class():
+    """A subclass of the host's BasicTransformerBlock that marks its attention calls as temporal.
+
+    Video UNets (SVD, SV3D) run temporal transformer blocks (tokens = frames, batch = positions) right after the
+    spatial ones, with the same block ids; current ComfyUI calls the attention patches there too. This marker is the
+    only reliable way to tell the two apart (their shapes coincide when a level has as many positions as frames).
+    """
+    from comfy.ldm.modules.attention import BasicTransformerBlock  # noqa: PLC0415 (host module)
+
+    class TemporalMarkedBlock(BasicTransformerBlock):
+        itm_temporal = True
+
+        def forward(self, x, context=None, transformer_options={}):  # noqa: B006 (the host's own signature)
+            return super().forward(x, context=context, transformer_options={**transformer_options, TEMPORAL_FLAG: True})
+
+    return TemporalMarkedBlock
+
+
+def _shared_copy(module, cls):
+    """An instance of ``cls`` sharing ``module``'s parameters and submodules (nothing is copied)."""
     wrapper = cls.__new__(cls)
     wrapper.__dict__.update(module.__dict__)
     return wrapper
+
+
+def _merged_stack(module):
+    """A MergedSpatialTransformer sharing ``module``'s parameters and submodules (nothing is copied)."""
+    return _shared_copy(module, merged_stack_class())
 
 
 def outer_sample_wrapper(executor, *args, **kwargs):
@@ -436,12 +501,23 @@ def apply(model, settings: MergeSettings):
     _remove_ours(patched)
     runtime = MergeRuntime(settings, sigma_range(_model_sampling(model), settings.start_percent, settings.end_percent))
     patched.model_options["transformer_options"][KEY] = runtime
+    video_stacks = 0
+    for name, module in patched.model.diffusion_model.named_modules():
+        time_stack = getattr(module, "time_stack", None)
+        if type(module).__name__ == "SpatialVideoTransformer" and time_stack is not None:
+            video_stacks += 1
+            for index, block in enumerate(time_stack):
+                patched.add_object_patch(f"diffusion_model.{name}.time_stack.{index}",
+                                         _shared_copy(block, temporal_block_class()))
     if settings.scope == "transformer":
         stack_type = merged_stack_class().__mro__[1]
         for name, module in patched.model.diffusion_model.named_modules():
             if type(module) is stack_type:  # not SpatialVideoTransformer (video models) or other subclasses
                 patched.add_object_patch(f"diffusion_model.{name}", _merged_stack(module))
-    else:
+        if video_stacks:  # video transformer stacks keep per-frame spatial merging through the attention patches
+            log.info("Importance Token Merging: scope = transformer applies to image transformer stacks; the %d "
+                     "video transformer stacks merge their spatial self-attention only", video_stacks)
+    if settings.scope != "transformer" or video_stacks:
         patched.set_model_attn1_patch(SelfAttnMerge())
         patched.set_model_attn1_output_patch(SelfAttnUnmerge())
         if settings.merge_cross_attn:

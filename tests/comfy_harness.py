@@ -258,6 +258,8 @@ def init_weights_(module, seed: int = 0, gain: float = 1.0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if p.numel() == 0:
+                continue
             if p.ndim >= 2:
                 fan_in = p[0].numel()
                 bound = gain / (fan_in ** 0.5)
@@ -276,11 +278,11 @@ def _build(config_cls, unet_config: dict, seed: int, device=None, state_dict=Non
     import torch
     import comfy.model_management
     import comfy.model_patcher
-    cfg = config_cls(unet_config)
-    # unet_extra_config (num_heads / num_head_channels) is merged in __init__; allow our tiny override to win
-    for k in ("num_heads", "num_head_channels"):
-        if k in unet_config:
-            cfg.unet_config[k] = unet_config[k]
+    # unet_extra_config (num_heads / num_head_channels) is merged into the dict given to __init__ (in place, on the
+    # 2024 host): pass a copy, then let the requested head layout win
+    heads = {k: unet_config[k] for k in ("num_heads", "num_head_channels") if k in unet_config}
+    cfg = config_cls(dict(unet_config))
+    cfg.unet_config.update(heads)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model(state_dict or {}, "", device=torch.device("cpu"))  # -> comfy.model_base.BaseModel / SDXL
     init_weights_(model.diffusion_model, seed=seed)
@@ -421,6 +423,81 @@ def tiny_zero123_model(seed: int = 0, context_dim: int = 64, device=None):
     return patcher, positive, negative
 
 
+VIDEO_ARCHS = {"svd": ("SVD_img2vid", 768), "sv3d_u": ("SV3D_u", 256), "sv3d_p": ("SV3D_p", 1280)}
+
+
+def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, device=None):
+    """Tiny Stable Video Diffusion / SV3D (comfy.supported_models.SVD_img2vid / SV3D_u / SV3D_p): a 2-level video
+    UNet with SpatialVideoTransformer stacks (spatial + temporal blocks), temporal res blocks, 8 input channels
+    (noise + concat image latent) and the real adm sizes (768 / 256 / 1280). Returns the ModelPatcher; conditioning
+    comes from ComfyUI's own SVD_img2vid_Conditioning / SV3D_Conditioning with :class:`StandInClipVision` and
+    :class:`StandInVAE`."""
+    kind = _need_boot()
+    import torch
+    import comfy.supported_models
+    config_name, adm = VIDEO_ARCHS[arch]
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": adm, "dtype": torch.float32,
+        "in_channels": 8, "model_channels": 32, "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
+        "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+        "context_dim": context_dim, "num_heads": 2, "num_head_channels": -1, "transformer_depth_output": [1, 1, 1, 1],
+        "extra_ff_mix_layer": True, "use_spatial_context": True, "merge_strategy": "learned_with_images",
+        "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "use_temporal_resblock": True,
+        "use_temporal_attention": True,
+    }
+    if kind == "modern":
+        unet_config["disable_temporal_crossattention"] = False
+    return _build(getattr(comfy.supported_models, config_name), unet_config, seed, device)
+
+
+class StandInClipVision:
+    """CLIP_VISION stand-in for the video/multi-view conditioning nodes: a deterministic image embedding."""
+
+    def __init__(self, dim: int = 64, seed: int = 0):
+        self.dim, self.seed = dim, seed
+
+    def encode_image(self, image, crop=True):
+        import torch
+
+        pooled = image[..., :3].float().mean(dim=(1, 2))  # [B, 3]
+        weight = torch.randn(3, self.dim, generator=torch.Generator().manual_seed(self.seed))
+        embeds = pooled @ weight + 0.1
+
+        class Output(dict):
+            pass
+
+        output = Output(image_embeds=embeds)
+        output.image_embeds = embeds
+        return output
+
+
+class StandInVAE:
+    """VAE stand-in: 8x average pooling of the gray image into 4 channels and back (enough for conditioning nodes)."""
+
+    downscale_ratio = 8
+    upscale_ratio = 8
+    latent_channels = 4
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def spacial_compression_decode(self):
+        return 8
+
+    def encode(self, pixels):
+        import torch.nn.functional as F
+
+        gray = pixels[..., :3].float().mean(dim=-1)[:, None]
+        return (F.avg_pool2d(gray, 8) * 2 - 1).expand(-1, 4, -1, -1).contiguous()
+
+    def decode(self, samples):
+        import torch.nn.functional as F
+
+        gray = ((samples.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
+        return F.interpolate(gray, scale_factor=8)[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
+
+
 def write_tiny_lora(model, path: str, rank: int = 4, seed: int = 0) -> int:
     """Write a LoRA file (kohya ``lora_unet_*`` keys) for every self-attention to_q/to_k/to_v of ``model``."""
     import torch
@@ -471,14 +548,14 @@ def describe_host(root: str) -> str:
         return f"unknown ComfyUI at {root}"
 
 
-def boot_with_pack(root: str, repo: str, workdir: str | None = None, cpu: bool = True) -> dict:
+def boot_with_pack(root: str, repo: str, workdir: str | None = None, cpu: bool = True, extra_args=()) -> dict:
     """Boot ``root``, then load this pack and the test pack as real custom nodes.
 
     The pack is linked into ``<workdir>/custom_nodes/comfyui-importance-token-merging`` first: the pinned host
     registers a pack under its folder's name, and a checkout folder can be called anything (even ``nodes``).
     """
     workdir = workdir or tempfile.mkdtemp(prefix="itm-comfy-")
-    info = boot(root, workdir, cpu=cpu)
+    info = boot(root, workdir, cpu=cpu, extra_args=extra_args)
     custom = os.path.join(workdir, "custom_nodes")
     os.makedirs(custom, exist_ok=True)
     link = os.path.join(custom, PACK_DIR_NAME)

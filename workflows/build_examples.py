@@ -75,8 +75,35 @@ def txt2img(schema, ckpt, size, steps, note, hires=False, img2img=False):
     return b.workflow(note)
 
 
+def demo(schema):
+    """The main job's workflow: the bundled Fashion-MNIST demo model, no checkpoint needed."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("ITM_DemoModelLoader", (40, 180))
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **MERGE)
+    pos = b.add("CLIPTextEncode", (420, 300), title="Positive (a Fashion-MNIST class)", text="sneaker")
+    neg = b.add("CLIPTextEncode", (420, 520), title="Negative (empty = unconditional)", text="")
+    b.link(loader, 0, merge, "model")
+    b.link(loader, 1, pos, "clip")
+    b.link(loader, 1, neg, "clip")
+    latent = b.add("EmptyLatentImage", (420, 740), width=256, height=256, batch_size=4)
+    sampler = b.add("KSampler", (840, 180), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
+                    denoise=1.0)
+    for source, slot, name in ((merge, 0, "model"), (pos, 0, "positive"), (neg, 0, "negative"),
+                               (latent, 0, "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (1240, 180))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    save = b.add("SaveImage", (1500, 180), filename_prefix="importance_tome_demo")
+    b.link(decode, 0, save, "images")
+    return b.workflow("The pack's bundled demo model (class-conditional Fashion-MNIST, trained by the pack): put a "
+                      "class name in the positive prompt (t-shirt, trouser, pullover, dress, coat, sandal, shirt, "
+                      "sneaker, bag, ankle boot). 256x256 = one 32x32 latent, 1024 tokens at the merged level.")
+
+
 def examples(schema):
     return {
+        "demo_fashion.json": demo(schema),
         "sd15_txt2img.json": txt2img(schema, SD15, 768, 25, "SD1.5 text to image at 768x768 with importance token "
                                      "merging at ratio 0.5 on the latent-resolution attention blocks."),
         "sdxl_txt2img.json": txt2img(schema, SDXL, 1024, 25, "SDXL text to image at 1024x1024: 'auto' merges the "

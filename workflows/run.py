@@ -1,21 +1,21 @@
 """Main job: run an example workflow headlessly through real ComfyUI, with and without importance token merging.
 
-    python workflows/run.py [--workflow workflows/sd15_txt2img.json] [--out output/demo] [--size N] [--steps N]
+    python workflows/run.py [--workflow workflows/demo_fashion.json] [--out output/demo] [--ratio 0.5]
 
-The workflow (UI JSON, as saved by ComfyUI) is converted to the API format and executed by ComfyUI's own
-PromptExecutor on the pinned host (or the first root in COMFYUI_PATH). It runs twice: as saved, and with the
-Importance Token Merging node bypassed; both images are saved by the workflow's SaveImage node into --out, and one
-timing line compares the two sampling runs.
+Default: workflows/demo_fashion.json, the pack's bundled demo model (a class-conditional Fashion-MNIST diffusion
+model the pack trained on ComfyUI's own UNet; no checkpoint to download). The workflow (UI JSON, as saved by
+ComfyUI) is converted to the API format and executed by ComfyUI's own PromptExecutor on the pinned host (or the
+first root in COMFYUI_PATH), once per class and method: no merging (the merging node bypassed), random ToMe
+(importance = random) and importance merging (importance = cfg) at the same ratio and seed. It writes
+<out>/demo_grid.png, a labelled grid (a column per class, rows per method, plus the importance map that cfg
+importance merging used halfway through sampling), the single images, and a timing line per method.
 
-Model: if the workflow's checkpoint is not installed in that ComfyUI (no weights can be downloaded here), a small
-stand-in is built in place: a small SD1.5-architecture UNet made by ComfyUI's own classes with random initialised
-weights, a deterministic text-embedding stand-in for CLIP and a linear latent-to-RGB stand-in for the VAE. It shows
-the pipeline and the merging at work, not a pretty picture; it is replaced by the model the project trains.
+Any other workflow (e.g. workflows/sd15_txt2img.json) runs as saved, with and without merging; its checkpoint must
+be installed in that ComfyUI's models/checkpoints.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -30,88 +30,43 @@ sys.path.insert(0, HERE)
 from ui_format import to_api_prompt  # noqa: E402
 
 log = logging.getLogger("importance_tome.demo")
-STAND_IN = "ITMDemo_StandInCheckpoint"
-CONTEXT_DIM = 64
+RECORDER = "ITMDemo_ImportanceRecorder"
+METHODS = (("none", "no merging"), ("random", "random ToMe"), ("cfg", "importance (cfg)"))
 
 
-class StandInCLIP:
-    """Deterministic text → [1, 77, CONTEXT_DIM] embedding (hash-seeded), with the CLIP methods the nodes call."""
+class ImportanceRecorder:
+    """Script-only node (not part of the pack): records |cond − uncond| of every step, as the pack computes it."""
 
-    def tokenize(self, text, **_):
-        return text
-
-    def _embed(self, text):
-        import torch
-
-        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn(1, 77, CONTEXT_DIM, generator=generator), torch.randn(1, CONTEXT_DIM, generator=generator)
-
-    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        cond, pooled = self._embed(tokens)
-        if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
-        return (cond, pooled) if return_pooled else cond
-
-    def encode_from_tokens_scheduled(self, tokens, **_):
-        cond, pooled = self._embed(tokens)
-        return [[cond, {"pooled_output": pooled}]]
-
-
-class StandInVAE:
-    """Latent → RGB with SD1.5's linear preview factors, upsampled 8×, normalised per image."""
-
-    FACTORS = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
-
-    def decode(self, samples):
-        import torch
-
-        rgb = torch.einsum("bchw,cr->bhwr", samples.float().cpu(), torch.tensor(self.FACTORS))
-        rgb = (rgb - rgb.mean(dim=(1, 2, 3), keepdim=True)) / (rgb.std(dim=(1, 2, 3), keepdim=True) + 1e-6)
-        rgb = torch.sigmoid(rgb * 1.5)
-        return rgb.repeat_interleave(8, dim=1).repeat_interleave(8, dim=2)
-
-
-class StandInCheckpoint:
-    """MODEL, CLIP, VAE stand-ins (registered by this script only; not a node of the pack)."""
-
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    FUNCTION = "load"
+    maps: list = []
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
     CATEGORY = "demo"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": ("STRING", {"default": ""})}}
+        return {"required": {"model": ("MODEL",)}}
 
-    def load(self, ckpt_name):
+    def patch(self, model):
         import comfy_harness
 
-        model, _, _ = comfy_harness.tiny_sd15_model(seed=0, model_channels=64, context_dim=CONTEXT_DIM)
-        return model, StandInCLIP(), StandInVAE()
+        merging = comfy_harness.pack_module("merging")
+        patched = model.clone()
 
+        def record(args):
+            uncond = args.get("uncond_denoised")
+            if uncond is not None and bool(uncond.abs().amax() > 0):
+                ImportanceRecorder.maps.append(merging.importance_map(args["cond_denoised"], uncond).cpu())
+            return args["denoised"]
 
-def _use_stand_in(prompt: dict, size: int, steps: int) -> bool:
-    import folder_paths
-
-    available = set(folder_paths.get_filename_list("checkpoints"))
-    replaced = False
-    for node in prompt.values():
-        if node["class_type"] == "CheckpointLoaderSimple" and node["inputs"].get("ckpt_name") not in available:
-            node["class_type"] = STAND_IN
-            replaced = True
-    if replaced:
-        for node in prompt.values():
-            if node["class_type"] == "EmptyLatentImage":
-                node["inputs"].update(width=size, height=size)
-            if node["class_type"] == "KSampler":
-                node["inputs"]["steps"] = steps
-    return replaced
+        patched.set_model_sampler_post_cfg_function(record)
+        return (patched,)
 
 
 def _bypass_merging(prompt: dict) -> dict:
-    """The same prompt with every ITM_ node bypassed (its model input wired straight through)."""
+    """The same prompt with every ITM_ merging node bypassed (its model input wired straight through)."""
     bypassed = json.loads(json.dumps(prompt))
-    merging = {nid: node for nid, node in bypassed.items() if node["class_type"].startswith("ITM_")}
+    merging = {nid: node for nid, node in bypassed.items()
+               if node["class_type"].startswith("ITM_ImportanceTokenMerging")}
     for nid, node in merging.items():
         source = node["inputs"]["model"]
         del bypassed[nid]
@@ -122,18 +77,132 @@ def _bypass_merging(prompt: dict) -> dict:
     return bypassed
 
 
+def _nodes_of(prompt: dict, class_type: str) -> list:
+    return [node for node in prompt.values() if node["class_type"] == class_type]
+
+
 def _set_prefix(prompt: dict, prefix: str) -> None:
-    for node in prompt.values():
-        if node["class_type"] == "SaveImage":
-            node["inputs"]["filename_prefix"] = prefix
+    for node in _nodes_of(prompt, "SaveImage"):
+        node["inputs"]["filename_prefix"] = prefix
+
+
+def _saved_images(ui: dict, out: str) -> list:
+    files = []
+    for result in ui.values():
+        for image in result.get("images", []) if isinstance(result, dict) else []:
+            files.append(os.path.join(out, image.get("subfolder", ""), image["filename"]))
+    return files
+
+
+def _insert_recorder(prompt: dict) -> None:
+    """Put the recorder between the merging node and the sampler."""
+    for nid, node in list(prompt.items()):
+        if node["class_type"].startswith("ITM_ImportanceTokenMerging"):
+            recorder_id = f"{nid}_recorder"
+            prompt[recorder_id] = {"class_type": RECORDER, "inputs": {"model": [nid, 0]}}
+            for other_id, other in prompt.items():
+                if other_id != recorder_id and other["inputs"].get("model") == [nid, 0]:
+                    other["inputs"]["model"] = [recorder_id, 0]
+
+
+def heat(values):
+    """[H, W] in [0, 1] → RGB uint8 array (black → purple → orange → yellow)."""
+    import numpy as np
+
+    anchors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+    position = np.clip(values, 0, 1) * (len(anchors) - 1)
+    low = np.floor(position).astype(int).clip(0, len(anchors) - 2)
+    frac = (position - low)[..., None]
+    return (anchors[low] * (1 - frac) + anchors[low + 1] * frac).round().astype(np.uint8)
+
+
+def demo_grid(prompt: dict, args, out: str) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    demo = __import__("comfy_harness").pack_module("nodes.demo_model")
+    _insert_recorder(prompt)
+    for node in _nodes_of(prompt, "ITM_ImportanceTokenMerging") + _nodes_of(prompt, "ITM_ImportanceTokenMergingAdvanced"):
+        node["inputs"]["ratio"] = args.ratio
+    positive_id = _nodes_of(prompt, "KSampler")[0]["inputs"]["positive"][0]
+    images, maps, timings = {}, {}, {}
+    for method, _ in METHODS:
+        variant = _bypass_merging(prompt) if method == "none" else json.loads(json.dumps(prompt))
+        for node in variant.values():
+            if node["class_type"].startswith("ITM_ImportanceTokenMerging"):
+                node["inputs"]["importance"] = method
+        timings[method] = 0.0
+        for index, name in enumerate(demo.CLASSES):
+            variant[positive_id]["inputs"]["text"] = name.split("/")[0].lower()
+            _set_prefix(variant, f"{method}/{index}")
+            ImportanceRecorder.maps = []
+            start = time.perf_counter()
+            ui = __import__("comfy_harness").run_prompt(variant)
+            timings[method] += time.perf_counter() - start
+            images[(method, index)] = [np.asarray(Image.open(f).convert("L")) for f in sorted(_saved_images(ui, out))]
+            if method == "cfg" and ImportanceRecorder.maps:
+                maps[index] = ImportanceRecorder.maps[len(ImportanceRecorder.maps) // 2][0].numpy()
+        log.info("%-18s %d prompts of %d images: %.1f s", dict(METHODS)[method], len(demo.CLASSES),
+                 len(images[(method, 0)]), timings[method])
+
+    show = min(args.show, len(images[("none", 0)]))
+    cell, label_w, head_h = 96, 150, 20
+    rows = [(title, method, k) for method, title in METHODS for k in range(show)]
+    height = head_h + (len(rows) + 1) * cell
+    canvas = Image.new("RGB", (label_w + len(demo.CLASSES) * cell, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(demo.CLASSES):
+        draw.text((label_w + j * cell + 4, 4), name, fill=(0, 0, 0))
+    for i, (title, method, k) in enumerate(rows):
+        y = head_h + i * cell
+        if k == 0:
+            draw.text((4, y + 4), title + (f" r={args.ratio:g}" if method != "none" else ""), fill=(0, 0, 0))
+        draw.text((4, y + 20), f"seed {k}", fill=(90, 90, 90))
+        for j in range(len(demo.CLASSES)):
+            tile = Image.fromarray(images[(method, j)][k]).resize((cell, cell), Image.BILINEAR)
+            canvas.paste(tile.convert("RGB"), (label_w + j * cell, y))
+    y = head_h + len(rows) * cell
+    draw.text((4, y + 4), "importance map", fill=(0, 0, 0))
+    draw.text((4, y + 20), "(cfg, mid-sampling, seed 0)", fill=(90, 90, 90))
+    for j, imap in maps.items():
+        normalised = imap / max(float(imap.max()), 1e-8)
+        tile = Image.fromarray(heat(normalised)).resize((cell, cell), Image.NEAREST)
+        canvas.paste(tile, (label_w + j * cell, y))
+    path = os.path.join(out, "demo_grid.png")
+    canvas.save(path)
+    log.info("grid: %s", path)
+    log.info("timing (all %d classes, CPU): no merging %.1f s, random ToMe %.1f s (%.2fx), importance %.1f s (%.2fx)",
+             len(demo.CLASSES), timings["none"], timings["random"], timings["none"] / timings["random"],
+             timings["cfg"], timings["none"] / timings["cfg"])
+
+
+def plain_workflow(prompt: dict, out: str) -> None:
+    import folder_paths
+
+    available = set(folder_paths.get_filename_list("checkpoints"))
+    for node in _nodes_of(prompt, "CheckpointLoaderSimple"):
+        if node["inputs"].get("ckpt_name") not in available:
+            raise SystemExit(f"checkpoint {node['inputs'].get('ckpt_name')!r} is not installed in this ComfyUI's "
+                             "models/checkpoints; the bundled demo runs without --workflow")
+    plain = _bypass_merging(prompt)
+    _set_prefix(prompt, "merged")
+    _set_prefix(plain, "unmerged")
+    timings = {}
+    for name, variant in (("unmerged", plain), ("merged", prompt)):
+        start = time.perf_counter()
+        ui = __import__("comfy_harness").run_prompt(variant)
+        timings[name] = time.perf_counter() - start
+        log.info("%s: %s", name, ", ".join(_saved_images(ui, out)))
+    log.info("timing (whole prompt): unmerged %.2f s, merged %.2f s, ratio %.2fx", timings["unmerged"],
+             timings["merged"], timings["unmerged"] / timings["merged"])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workflow", default=os.path.join(HERE, "sd15_txt2img.json"))
+    parser.add_argument("--workflow", default=os.path.join(HERE, "demo_fashion.json"))
     parser.add_argument("--out", default=os.path.join(REPO, "output", "demo"))
-    parser.add_argument("--size", type=int, default=384, help="image size when the stand-in model is used")
-    parser.add_argument("--steps", type=int, default=10, help="sampling steps when the stand-in model is used")
+    parser.add_argument("--ratio", type=float, default=0.5, help="merge ratio of the demo grid")
+    parser.add_argument("--show", type=int, default=2, help="samples per class and method in the demo grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -145,30 +214,20 @@ def main(argv=None) -> int:
     import folder_paths
     import nodes
 
-    nodes.NODE_CLASS_MAPPINGS[STAND_IN] = StandInCheckpoint
-    os.makedirs(args.out, exist_ok=True)
-    folder_paths.set_output_directory(os.path.abspath(args.out))
+    nodes.NODE_CLASS_MAPPINGS[RECORDER] = ImportanceRecorder
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    folder_paths.set_output_directory(out)
     with open(args.workflow, encoding="utf-8") as handle:
         workflow = json.load(handle)
-    merged = to_api_prompt(workflow, lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES())
-    if not any(node["class_type"].startswith("ITM_") for node in merged.values()):
+    prompt = to_api_prompt(workflow, lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES())
+    if not any(node["class_type"].startswith("ITM_ImportanceTokenMerging") for node in prompt.values()):
         raise SystemExit(f"{args.workflow} has no Importance Token Merging node")
-    stand_in = _use_stand_in(merged, args.size, args.steps)
-    plain = _bypass_merging(merged)
-    _set_prefix(merged, "merged")
-    _set_prefix(plain, "unmerged")
-
-    timings = {}
-    for name, prompt in (("unmerged", plain), ("merged", merged)):
-        start = time.perf_counter()
-        comfy_harness.run_prompt(prompt)
-        timings[name] = time.perf_counter() - start
-    files = sorted(os.listdir(args.out))
-    log.info("host %s; workflow %s; model: %s", info["host"], os.path.basename(args.workflow),
-             "stand-in (checkpoint not installed)" if stand_in else "checkpoint")
-    log.info("images in %s: %s", args.out, ", ".join(f for f in files if f.endswith(".png")))
-    log.info("timing (whole prompt, CPU): unmerged %.2f s, merged %.2f s, ratio %.2fx", timings["unmerged"],
-             timings["merged"], timings["unmerged"] / timings["merged"])
+    log.info("host %s; workflow %s", info["host"], os.path.relpath(args.workflow))
+    if _nodes_of(prompt, "ITM_DemoModelLoader"):
+        demo_grid(prompt, args, out)
+    else:
+        plain_workflow(prompt, out)
     return 0
 
 

@@ -94,6 +94,7 @@ class HostTestAttnProbe:
         def recorder(n, context, value, extra):
             shape = extra.get("original_shape")
             records.append({
+                "temporal": bool(extra.get("importance_tome_temporal")),
                 "block": tuple(extra.get("block") or ()), "block_index": extra.get("block_index"),
                 "tokens": int(n.shape[1]), "rows": int(n.shape[0]), "kv_tokens": int(context.shape[1]),
                 "original_shape": list(shape) if shape is not None else None,
@@ -120,6 +121,24 @@ class HostTestTinyControlNet:
         return (_boot().tiny_controlnet(seed),)
 
 
+class HostTestTinyVideoModel:
+    """A tiny SVD / SV3D model with stand-ins for the CLIP vision model and the VAE (for the core conditioning nodes)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"arch": (["svd", "sv3d_u", "sv3d_p"],),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP_VISION", "VAE")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, arch, seed):
+        b = _boot()
+        return b.tiny_video_model(arch, seed=seed), b.StandInClipVision(seed=seed), b.StandInVAE()
+
+
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
+NODE_CLASS_MAPPINGS["HostTestTinyVideoModel"] = HostTestTinyVideoModel
 NODE_CLASS_MAPPINGS["HostTestTinyControlNet"] = HostTestTinyControlNet
 NODE_DISPLAY_NAME_MAPPINGS["HostTestAttnProbe"] = "Host test: attention probe"

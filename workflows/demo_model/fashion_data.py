@@ -1,0 +1,63 @@
+"""Fashion-MNIST as the demo model sees it (shared by the training script, the classifier and the benchmarks).
+
+The data comes from the Debian package ``dataset-fashion-mnist`` (MIT licence): 60k training and 10k test images,
+28×28 grayscale, 10 classes, as gzipped idx files under /usr/share/datasets/fashion-mnist. ``ensure_dataset``
+installs the package when it is missing (apt-get, as root) or says how to.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+
+DATA = os.environ.get("ITM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
+FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def ensure_dataset() -> str:
+    """The dataset folder; installs Debian's dataset-fashion-mnist first when it is missing and apt-get can."""
+    if all(os.path.isfile(os.path.join(DATA, name)) for pair in FILES.values() for name in pair):
+        return DATA
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"], check=True,
+                       stdout=subprocess.DEVNULL)
+        if os.path.isfile(os.path.join(DATA, FILES["test"][0])):
+            return DATA
+    raise FileNotFoundError(f"Fashion-MNIST not found in {DATA}: install the Debian package dataset-fashion-mnist "
+                            "or set ITM_FASHION_MNIST to a folder with the four idx .gz files")
+
+
+def load_images(split: str = "train"):
+    """uint8 images [N, 28, 28] and int64 labels [N] of ``split`` ("train" or "test")."""
+    import numpy as np
+    import torch
+
+    folder = ensure_dataset()
+    image_file, label_file = FILES[split]
+    with gzip.open(os.path.join(folder, image_file)) as handle:
+        images = np.frombuffer(handle.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(os.path.join(folder, label_file)) as handle:
+        labels = np.frombuffer(handle.read(), dtype=np.uint8, offset=8)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype("int64"))
+
+
+def to_latent(images):
+    """uint8 [N, 28, 28] → model-space data [N, 4, 32, 32] in [-1, 1] (padded with the background value -1)."""
+    import torch.nn.functional as F
+
+    x = images.float() / 127.5 - 1.0
+    x = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    return x[:, None].expand(-1, 4, -1, -1).contiguous()
+
+
+def to_image(model_space):
+    """Model-space [N, 4, 32, 32] → grayscale [N, 32, 32] in [0, 1] (what the demo VAE shows, before upscaling)."""
+    return ((model_space.float().mean(dim=1) + 1.0) / 2.0).clamp(0, 1)
+
+
+def real_images(split: str = "test"):
+    """Real images as the models see them: grayscale [N, 32, 32] in [0, 1] and labels [N]."""
+    images, labels = load_images(split)
+    return to_image(to_latent(images)), labels

@@ -33,7 +33,7 @@ CONTEXT_DIM = 64
 DEMO_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
     "num_res_blocks": [1, 1, 1], "channel_mult": [1, 2, 2], "transformer_depth": [1, 1, 0],
-    "transformer_depth_output": [1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1, "num_heads": 1,
     "num_head_channels": -1, "context_dim": CONTEXT_DIM, "use_spatial_transformer": True, "legacy": False,
     "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
     "use_temporal_resblock": False,

@@ -1,9 +1,10 @@
 """Speed and memory benchmark: this pack vs no merging vs ComfyUI's built-in TomePatchModel.
 
-    .venv/bin/python tests/bench_speed.py [--models sd15@512,sd15@768,sd15@1024,sdxl@1024,sdxl@1536]
+    .venv/bin/python tests/bench_speed.py [--models sd15@512,sd15@768,sd15@1024,sdxl@1024,sdxl@1536,svd@256:8]
                                           [--ratios 0.3,0.5,0.7] [--reps 3] [--out output/bench]
 
-Real-size architectures (SD1.5: 860M, SDXL: 2.6B parameters) with random initialised weights, built by ComfyUI's own
+Real-size architectures (SD1.5: 860M, SDXL: 2.6B, SVD: 1.5B parameters; ``svd@S:F`` = F frames of S×S, the
+frames being the latent batch) with random initialised weights, built by ComfyUI's own
 classes, on the ComfyUI host of the tests (pinned, or the first root of COMFYUI_PATH), with the attention backend
 that host picks. Each measurement is one model evaluation of a cond+uncond batch (batch 1, cfg 5) inside ComfyUI's
 own sampler (comfy.sample.sample), after the first step, so importance capture and matching are included. Methods
@@ -103,9 +104,11 @@ class Timers:
         self.calls.clear()
 
 
-def build(arch, size, device):
+def build(arch, size, device, frames=1):
     if arch == "sd15":
         return H.full_sd15_model(device=device)
+    if arch == "svd":
+        return H.full_svd_model(frames, size, size, device=device)
     return H.full_sdxl_model(width=size, height=size, device=device)
 
 
@@ -193,11 +196,11 @@ def fmt(values):
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def run_model(arch, size, ratios, reps, device, timers, method_names):
+def run_model(arch, size, ratios, reps, device, timers, method_names, frames=1):
     import torch
 
-    model, positive, negative = build(arch, size, device)
-    latent = torch.zeros(1, 4, size // 8, size // 8)
+    model, positive, negative = build(arch, size, device, frames)
+    latent = torch.zeros(frames, 4, size // 8, size // 8)  # video models: the frames are the latent batch
     import nodes
 
     has_builtin = "TomePatchModel" in nodes.NODE_CLASS_MAPPINGS
@@ -217,7 +220,7 @@ def run_model(arch, size, ratios, reps, device, timers, method_names):
                 overheads.setdefault((name, ratio), []).append((dict(timers.total), dict(timers.calls)))
             print(f"[{arch}@{size}] rep {rep + 1}/{reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                   + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
-    level = {"sd15": 0, "sdxl": 1}[arch]  # what levels="auto" merges
+    level = {"sd15": 0, "sdxl": 1, "svd": 0}[arch]  # what levels="auto" merges
     attention, profiled_step = attention_profile(model, positive, negative, latent)
     print(f"[{arch}@{size}] self-attention per evaluation by level: "  # noqa: T201
           + ", ".join(f"level {lvl}: {t:.3f}s ({t / profiled_step:.1%})" for lvl, t in sorted(attention.items())))
@@ -265,8 +268,11 @@ def main(argv=None):
     rows = []
     for spec in args.models.split(","):
         arch, size = spec.split("@")
+        size, _, frames = size.partition(":")  # svd@256:8 = 8 frames of 256x256
+        frames = int(frames or 1)
         times, peaks, overheads, attn, profiled_step = run_model(arch, int(size), ratios, args.reps,
-                                                                 None, timers, args.methods.split(","))
+                                                                 None, timers, args.methods.split(","), frames)
+        size = f"{size}:{frames}" if frames > 1 else size
         base = statistics.median(times[("none", 0.0)])  # "none" is always measured
         for (name, ratio), values in times.items():
             med = statistics.median(values)

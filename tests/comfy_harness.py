@@ -426,7 +426,7 @@ def tiny_zero123_model(seed: int = 0, context_dim: int = 64, device=None):
 VIDEO_ARCHS = {"svd": ("SVD_img2vid", 768), "sv3d_u": ("SV3D_u", 256), "sv3d_p": ("SV3D_p", 1280)}
 
 
-def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, device=None):
+def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, device=None, full_size: bool = False):
     """Tiny Stable Video Diffusion / SV3D (comfy.supported_models.SVD_img2vid / SV3D_u / SV3D_p): a 2-level video
     UNet with SpatialVideoTransformer stacks (spatial + temporal blocks), temporal res blocks, 8 input channels
     (noise + concat image latent) and the real adm sizes (768 / 256 / 1280). Returns the ModelPatcher; conditioning
@@ -446,9 +446,27 @@ def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, de
         "merge_factor": 0.0, "video_kernel_size": [3, 1, 1], "use_temporal_resblock": True,
         "use_temporal_attention": True,
     }
+    if full_size:  # the real SVD / SV3D UNet (1.5B parameters): SD2-like levels, linear projections, 64-ch heads
+        unet_config.update({
+            "model_channels": 320, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            "transformer_depth_middle": 1, "context_dim": 1024, "num_heads": -1, "num_head_channels": 64})
     if kind == "modern":
         unet_config["disable_temporal_crossattention"] = False
     return _build(getattr(comfy.supported_models, config_name), unet_config, seed, device)
+
+
+def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
+    """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
+    import torch
+    patcher = tiny_video_model("svd", seed=seed, device=device, full_size=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    pooled = torch.randn(1, 1, 1024, generator=g)
+    image = torch.randn(1, 4, height // 8, width // 8, generator=g)
+    extra = {"fps": 6, "motion_bucket_id": 127, "augmentation_level": 0.0}
+    positive = [[pooled, dict(extra, concat_latent_image=image)]]
+    negative = [[torch.zeros_like(pooled), dict(extra, concat_latent_image=torch.zeros_like(image))]]
+    return patcher, positive, negative
 
 
 class StandInClipVision:

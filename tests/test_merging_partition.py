@@ -16,6 +16,8 @@ from merging import (
     max_ratio,
     plan_sizes,
     random_grid_partition,
+    tile_token_order,
+    tiled_partition,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -282,3 +284,65 @@ def test_sizes_match_paper_worked_example():
     sizes = plan_sizes(9216, ImportanceConfig(0.7))
     assert sizes == (9216, 6451, 2304, 3870)
     assert math.isclose(max_ratio(ImportanceConfig(0.5)), 0.75)
+
+
+@st.composite
+def tiled_cases(draw):
+    tiles_y, tiles_x = draw(st.sampled_from([(1, 2), (2, 1), (2, 2), (3, 2), (2, 3)]))
+    th, tw = draw(st.integers(2, 6)), draw(st.integers(2, 6))
+    frames = draw(st.integers(1, 2))
+    samples = draw(st.integers(1, 2))
+    random = draw(st.booleans())
+    ratio = draw(st.floats(0.05, 0.7))
+    seed = draw(st.integers(0, 2**16))
+    return tiles_y, tiles_x, th, tw, frames, samples, random, ratio, seed
+
+
+@settings(max_examples=80, deadline=None)
+@given(tiled_cases())
+def test_tiled_partitions_never_cross_tiles(case):
+    tiles_y, tiles_x, th, tw, frames, samples, random, ratio, seed = case
+    grid = TokenGrid(th * tiles_y, tw * tiles_x, frames)
+    n = grid.num_tokens
+    g = _gen(seed)
+    metric = torch.randn(2 * samples, n, 8, generator=g)
+    importance = torch.rand(samples, n, generator=g)
+    config = RandomGridConfig(ratio) if random else ImportanceConfig(ratio)
+    tile_grid = TokenGrid(th, tw, frames)
+    try:
+        plan_sizes(tile_grid.num_tokens, config, tile_grid)
+    except ValueError:
+        assume(False)  # a ratio the single tile does not allow
+    part = tiled_partition(metric, config, grid, (tiles_y, tiles_x), importance=None if random else importance,
+                           num_samples=samples, generator=_gen(seed))
+    order = tile_token_order(grid, tiles_y, tiles_x)
+    tile_of = torch.empty(n, dtype=torch.long)
+    tile_of[order.reshape(-1)] = torch.arange(order.shape[0])[:, None].expand_as(order).reshape(-1)
+    if part.is_identity:
+        return
+    holder = part.kept_tokens.gather(1, part.slot_of_token)
+    assert torch.equal(tile_of[holder], tile_of.expand_as(holder))  # every token lands in a slot of its own tile
+    slots = torch.arange(part.sizes.num_kept).expand(2 * samples, -1)
+    assert torch.equal(part.slot_of_token.gather(1, part.kept_tokens), slots)  # kept tokens hold their own slot
+    per_tile = torch.zeros(2 * samples, order.shape[0], dtype=torch.long).scatter_add_(
+        1, tile_of[part.kept_tokens], torch.ones_like(part.kept_tokens))
+    assert (per_tile == part.sizes.num_kept // order.shape[0]).all()  # each tile keeps the same share
+    merged = part.merge(metric)
+    assert merged.shape == (2 * samples, part.sizes.num_kept, 8)
+    assert torch.allclose(part.merge(torch.ones_like(metric)), torch.ones_like(merged))
+    assert part.unmerge(merged).shape == metric.shape
+    assert ((part.roles == TokenRole.MERGED).sum(1) == part.sizes.num_removed).all()
+
+
+def test_tiled_one_by_one_is_the_plain_partition():
+    grid = TokenGrid(6, 4)
+    metric = torch.randn(2, 24, 8, generator=_gen(1))
+    importance = torch.rand(1, 24, generator=_gen(2))
+    plain = importance_partition(metric, importance, ImportanceConfig(0.5), generator=_gen(3))
+    tiled = tiled_partition(metric, ImportanceConfig(0.5), grid, (1, 1), importance=importance, generator=_gen(3))
+    assert torch.equal(plain.slot_of_token, tiled.slot_of_token)
+
+
+def test_tiles_must_divide_the_grid():
+    with pytest.raises(ValueError, match="equal tiles"):
+        tile_token_order(TokenGrid(10, 8), 3, 2)

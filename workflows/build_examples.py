@@ -1,8 +1,14 @@
 """Regenerate the example workflows in this folder from the node schemas of a real ComfyUI.
 
     python workflows/build_examples.py            # pinned host, or COMFYUI_PATH's first root
+    COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 ITM_ADE_PATH=/path/to/ComfyUI-AnimateDiff-Evolved \
+        python workflows/build_examples.py        # also writes sd15_animatediff.json
 
 The JSON files are committed; tests/test_workflows.py checks them against the registered schemas on every host.
+
+sd15_animatediff.json uses the nodes of ComfyUI-AnimateDiff-Evolved (ADE), a third-party pack that registers them
+only when it is loaded: it is written only when ``ITM_ADE_PATH`` names a work tree of ADE (loaded into the host as a
+custom node; ADE needs current ComfyUI, so COMFYUI_PATH too). Without it the committed file is left as it is.
 """
 from __future__ import annotations
 
@@ -101,8 +107,118 @@ def demo(schema):
                       "sneaker, bag, ankle boot). 256x256 = one 32x32 latent, 1024 tokens at the merged level.")
 
 
-def examples(schema):
+def video(schema, kind):
+    """Image-to-video (SVD), orbit views (SV3D) and novel views (Stable Zero123): frames or views are the latent
+    batch, each merged with its own importance map."""
+    b = WorkflowBuilder(schema)
+    ckpt = {"svd": "svd_xt.safetensors", "sv3d": "sv3d_u.safetensors", "zero123": "stable_zero123.ckpt"}[kind]
+    loader = b.add("ImageOnlyCheckpointLoader", (40, 180), ckpt_name=ckpt)
+    image = b.add("LoadImage", (40, 460), image="example.png")
+    if kind == "svd":
+        cond = b.add("SVD_img2vid_Conditioning", (420, 300), width=1024, height=576, video_frames=25,
+                     motion_bucket_id=127, fps=6, augmentation_level=0.0)
+        guided = b.add("VideoLinearCFGGuidance", (420, 40), min_cfg=1.0)
+        b.link(loader, 0, guided, "model")
+        model_source, cfg, steps, size = guided, 2.5, 20, None
+    elif kind == "sv3d":
+        cond = b.add("SV3D_Conditioning", (420, 300), width=576, height=576, video_frames=21, elevation=0.0)
+        guided = b.add("VideoTriangleCFGGuidance", (420, 40), min_cfg=1.0)
+        b.link(loader, 0, guided, "model")
+        model_source, cfg, steps, size = guided, 2.5, 20, None
+    else:
+        cond = b.add("StableZero123_Conditioning_Batched", (420, 300), width=256, height=256, batch_size=4,
+                     elevation=0.0, azimuth=0.0, elevation_batch_increment=0.0, azimuth_batch_increment=90.0)
+        model_source, cfg, steps = loader, 4.0, 30
+    b.link(loader, 1, cond, "clip_vision")
+    b.link(image, 0, cond, "init_image")
+    b.link(loader, 2, cond, "vae")
+    merge = b.add("ITM_ImportanceTokenMerging", (840, 40), **MERGE)
+    b.link(model_source, 0, merge, "model")
+    sampler = b.add("KSampler", (840, 300), seed=0, steps=steps, cfg=cfg, sampler_name="euler",
+                    scheduler="karras" if kind != "zero123" else "normal", denoise=1.0)
+    b.link(merge, 0, sampler, "model")
+    b.link(cond, 0, sampler, "positive")
+    b.link(cond, 1, sampler, "negative")
+    b.link(cond, 2, sampler, "latent_image")
+    decode = b.add("VAEDecode", (1240, 300))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    save = b.add("SaveImage", (1500, 300), filename_prefix=f"importance_tome_{kind}")  # one PNG per frame / view
+    b.link(decode, 0, save, "images")
+    notes = {
+        "svd": "Stable Video Diffusion image to video (25 frames at 1024x576): every frame is merged with its own "
+               "importance map; temporal attention is left alone. Put your image in ComfyUI's input folder.",
+        "sv3d": "SV3D orbit (21 views at 576x576): each view of the orbit is merged with its own importance map.",
+        "zero123": "Stable Zero123 novel views (4 views, 90 degrees apart): each view is a latent of the batch and is "
+                   "merged with its own map. For Zero123++-style tiled views in one image use the Advanced node's "
+                   "tiles input (3x2).",
+    }
+    return b.workflow(notes[kind])
+
+
+def animatediff(schema):
+    """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
+    map rows of its own frames."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("CheckpointLoaderSimple", (40, 180), ckpt_name=SD15)
+    motion = b.add("ADE_LoadAnimateDiffModel", (40, 420), model_name="mm_sd_v15_v2.ckpt")
+    apply = b.add("ADE_ApplyAnimateDiffModelSimple", (40, 560))
+    b.link(motion, 0, apply, "motion_model")
+    context = b.add("ADE_StandardUniformContextOptions", (40, 720), context_length=16, context_stride=1,
+                    context_overlap=4)
+    evolved = b.add("ADE_UseEvolvedSampling", (420, 40), beta_schedule="autoselect")
+    b.link(loader, 0, evolved, "model")
+    b.link(apply, 0, evolved, "m_models")
+    b.link(context, 0, evolved, "context_options")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 220), **MERGE)
+    b.link(evolved, 0, merge, "model")
+    pos = b.add("CLIPTextEncode", (420, 480), title="Positive", text="waves crashing on a rocky shore, sunset, "
+                "cinematic, detailed")
+    neg = b.add("CLIPTextEncode", (420, 700), title="Negative", text=NEGATIVE)
+    b.link(loader, 1, pos, "clip")
+    b.link(loader, 1, neg, "clip")
+    latent = b.add("EmptyLatentImage", (420, 920), width=512, height=512, batch_size=32)
+    sampler = b.add("KSampler", (840, 180), seed=0, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal",
+                    denoise=1.0)
+    for source, slot, name in ((merge, 0, "model"), (pos, 0, "positive"), (neg, 0, "negative"),
+                               (latent, 0, "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (1240, 180))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    save = b.add("SaveImage", (1500, 180), filename_prefix="importance_tome_animatediff")
+    b.link(decode, 0, save, "images")
+    return b.workflow("AnimateDiff (ComfyUI-AnimateDiff-Evolved, with an SD1.5 motion model in "
+                      "models/animatediff_models): 32 frames at 512x512 sampled in context windows of 16 frames "
+                      "(overlap 4). Frames are the latent batch: each window's frames are merged with their own rows "
+                      "of the importance map; the motion modules' temporal attention is left alone.")
+
+
+def load_animatediff(path):
+    """Load ADE from the work tree ``path`` into the booted host; ADE registers (and creates) folders under
+    ComfyUI's models directory on import, which is pointed at a temporary folder meanwhile."""
+    import shutil
+    import tempfile
+
+    import comfy_harness
+    import folder_paths
+
+    models_dir = folder_paths.models_dir
+    folder_paths.models_dir = tempfile.mkdtemp(prefix="itm-ade-models-")
+    try:
+        return comfy_harness.load_pack(path)
+    finally:
+        shutil.rmtree(folder_paths.models_dir, ignore_errors=True)
+        folder_paths.models_dir = models_dir
+
+
+def examples(schema, animatediff_nodes=False):
+    extra = {"sd15_animatediff.json": animatediff(schema)} if animatediff_nodes else {}
     return {
+        **extra,
+        "svd_img2vid.json": video(schema, "svd"),
+        "sv3d_orbit.json": video(schema, "sv3d"),
+        "stable_zero123.json": video(schema, "zero123"),
         "demo_fashion.json": demo(schema),
         "sd15_txt2img.json": txt2img(schema, SD15, 768, 25, "SD1.5 text to image at 768x768 with importance token "
                                      "merging at ratio 0.5 on the latent-resolution attention blocks."),
@@ -120,7 +236,12 @@ def main():
 
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or comfy_harness.pinned_host_root()
     comfy_harness.boot_with_pack(root, REPO)
-    for name, workflow in examples(schema_from_host()).items():
+    ade = os.environ.get("ITM_ADE_PATH")
+    if ade:
+        load_animatediff(ade)
+    else:
+        print("ITM_ADE_PATH is not set: sd15_animatediff.json is left as it is")  # noqa: T201
+    for name, workflow in examples(schema_from_host(), animatediff_nodes=bool(ade)).items():
         with open(os.path.join(HERE, name), "w", encoding="utf-8") as handle:
             json.dump(workflow, handle, indent=1)
             handle.write("\n")

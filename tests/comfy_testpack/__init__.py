@@ -1,6 +1,7 @@
 """Test-only V1 custom nodes, loaded next to the pack by the tests (ComfyUI a28a9dc8 and 0.14.1).
 
 HostTestTinyModel  -> MODEL, CONDITIONING(+), CONDITIONING(-)   (tiny SD1.5/SDXL UNet built by comfy_harness.py)
+HostTestFullSD15   -> MODEL, CONDITIONING(+), CONDITIONING(-)   (full-width SD1.5 UNet, random weights, built once)
 HostTestLatentStats   OUTPUT_NODE: returns {"ui": {"latent_stats": [...]}} and keeps the latent in LAST[unique_id]
 """
 import importlib.util
@@ -138,7 +139,30 @@ class HostTestTinyVideoModel:
         return b.tiny_video_model(arch, seed=seed), b.StandInClipVision(seed=seed), b.StandInVAE()
 
 
+class HostTestFullSD15:
+    """A full-width SD1.5 UNet (860M parameters, random weights; comfy_harness.full_sd15_model), e.g. for AnimateDiff
+    motion modules, which have SD1.5's real channel widths. Built once per seed and process (slow on CPU); the same
+    ModelPatcher is returned on every call, downstream nodes clone it."""
+
+    CACHE = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("model", "positive", "negative")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed):
+        if seed not in HostTestFullSD15.CACHE:
+            HostTestFullSD15.CACHE[seed] = _boot().full_sd15_model(seed=seed)
+        return HostTestFullSD15.CACHE[seed]
+
+
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
+NODE_CLASS_MAPPINGS["HostTestFullSD15"] = HostTestFullSD15
 NODE_CLASS_MAPPINGS["HostTestTinyVideoModel"] = HostTestTinyVideoModel
 NODE_CLASS_MAPPINGS["HostTestTinyControlNet"] = HostTestTinyControlNet
 NODE_DISPLAY_NAME_MAPPINGS["HostTestAttnProbe"] = "Host test: attention probe"

@@ -1,0 +1,81 @@
+"""The bundled demo model (Fashion-MNIST, trained by the project) loaded by the pack's own node, in a real ComfyUI."""
+import pytest
+import torch
+
+import comfy_harness as H
+from graph import Graph
+
+SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
+CLASSES = {"trouser": 1, "bag": 8, "sneaker": 7}
+
+
+def _nodes():
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def generate(prompt_text, merge=None, batch=4, steps=12, seed=5):
+    g = Graph()
+    loader = g.add("ITM_DemoModelLoader")
+    model = loader[0]
+    if merge is not None:
+        model = g.add("ITM_ImportanceTokenMerging", model=model, **merge)[0]
+    pos = g.add("CLIPTextEncode", text=prompt_text, clip=loader[1])
+    neg = g.add("CLIPTextEncode", text="", clip=loader[1])
+    empty = g.add("EmptyLatentImage", width=256, height=256, batch_size=batch)
+    sampled = g.add("KSampler", model=model, positive=pos[0], negative=neg[0], latent_image=empty[0], seed=seed,
+                    steps=steps, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    H.run_prompt(g.prompt)
+    return _nodes()["HostTestLatentStats"].LAST["out"].clone()
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from quality.classifier import load_classifier
+
+    return load_classifier()
+
+
+def _accuracy(classifier, latents, label):
+    import sys
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "demo_model"))
+    from fashion_data import to_image
+
+    with torch.no_grad():
+        return float((classifier(to_image(latents)).argmax(1) == label).float().mean())
+
+
+@pytest.mark.parametrize("merge", [None, SIMPLE], ids=["unmerged", "merged"])
+def test_demo_model_draws_the_class_it_is_asked_for(comfy, classifier, merge):
+    """The project's classifier recognises the demo model's garments, with and without importance merging."""
+    scores = {name: _accuracy(classifier, generate(name, merge), label) for name, label in CLASSES.items()}
+    assert min(scores.values()) >= 0.75, scores
+
+
+def test_prompt_naming_no_class_is_a_clear_error(comfy):
+    with pytest.raises(H.PromptError, match="Fashion-MNIST classes"):
+        generate("a castle on a hill", steps=1, batch=1)
+
+
+def test_class_names_in_prompts(comfy):
+    demo = H.pack_module("nodes.demo_model")
+    assert demo.class_index("A T-shirt, studio photo") == 0
+    assert demo.class_index("shirt") == 6
+    assert demo.class_index("ankle boots") == 9
+    assert demo.class_index("  ") is None
+
+
+def test_demo_codec_round_trip_and_img2img(comfy):
+    demo = H.pack_module("nodes.demo_model")
+    codec = demo.DemoImageCodec()
+    latent = torch.rand(2, 1, 32, 32).expand(-1, 4, -1, -1) * 2 - 1
+    image = codec.decode(latent)
+    assert image.shape == (2, 256, 256, 3)
+    back = codec.encode(image)
+    assert back.shape == (2, 4, 32, 32) and float((back - latent).abs().mean()) < 0.05
+    with pytest.raises(ValueError, match="multiples of 8"):
+        codec.encode(torch.rand(1, 30, 32, 3))

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from .grids import TokenGrid
 from .importance import rows_for_samples
 
-DstMode = Literal["random", "top", "evenly"]
+DstMode = Literal["random", "top", "evenly", "grid"]
 MergeMode = Literal["mean", "prune"]
-DST_MODES = ("random", "top", "evenly")
+DST_MODES = ("random", "top", "evenly", "grid")
 MERGE_MODES = ("mean", "prune")
 
 
@@ -189,6 +189,7 @@ def importance_partition(
     *,
     row_sample: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    grid: Optional[TokenGrid] = None,
 ) -> Partition:
     """The paper's importance-guided partition.
 
@@ -200,6 +201,9 @@ def importance_partition(
         row_sample: [B] long, the sample (row of ``importance``) of each batch row. Default: the batch repeats its
             samples in blocks (``[uncond; cond]``), row ``i`` → sample ``i % S``.
         generator: source of randomness for ``dst_mode="random"`` (default: a fresh generator seeded with 0).
+        grid: the token grid; needed for ``dst_mode="grid"``, where the destinations are ToMe's random 2×2 grid
+            (spread over the whole image, so unimportant tokens merge into nearby similar ones) instead of members
+            of the important pool; the importance map still decides which tokens are forced to merge and which stay.
     """
     batch, num_tokens, _ = _check_metric(metric)
     scores_map = importance.reshape(importance.shape[0], -1)
@@ -213,6 +217,16 @@ def importance_partition(
         return _identity(sizes, num_samples, row_sample)
     k, m = sizes.num_dst, sizes.pool_size
     order = torch.argsort(scores_map.to(device=device, dtype=torch.float32), dim=1, descending=True, stable=True)
+    if config.dst_mode == "grid":
+        if grid is None or grid.num_tokens != num_tokens:
+            raise ValueError(f"dst_mode='grid' needs the token grid of the {num_tokens} tokens, got {grid}")
+        dst = _grid_destinations(grid, 2, 2, generator, device).expand(num_samples, -1)
+        sizes = sizes._replace(num_dst=dst.shape[1])
+        if dst.shape[1] < 1 or sizes.num_removed > num_tokens - dst.shape[1]:
+            raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - dst.shape[1]} non-destination "
+                             f"tokens of a {grid.height}x{grid.width} grid with 2x2 destination cells")
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
+        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m))
     if config.dst_mode == "random":
         picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
         pool_pos = picks.argsort(dim=1)[:, :k].to(device)
@@ -246,14 +260,7 @@ def random_grid_partition(
     row_sample = _resolve_rows(batch, num_samples, row_sample, metric.device)
     if sizes.num_removed == 0:
         return _identity(sizes, num_samples, row_sample)
-    sx, sy = config.stride_x, config.stride_y
-    cells_h, cells_w = grid.height // sy, grid.width // sx
-    pick = torch.randint(sx * sy, (grid.frames, cells_h, cells_w), generator=_generator(generator), device=_gen_device(generator))
-    pick = pick.to(metric.device)
-    frame = torch.arange(grid.frames, device=metric.device)[:, None, None]
-    row = torch.arange(cells_h, device=metric.device)[None, :, None] * sy + pick // sx
-    col = torch.arange(cells_w, device=metric.device)[None, None, :] * sx + pick % sx
-    dst = ((frame * grid.height + row) * grid.width + col).reshape(1, -1).expand(num_samples, -1)
+    dst = _grid_destinations(grid, config.stride_x, config.stride_y, generator, metric.device).expand(num_samples, -1)
     return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=None)
 
 
@@ -270,7 +277,7 @@ def make_partition(
     if isinstance(config, ImportanceConfig):
         if importance is None:
             raise ValueError("an ImportanceConfig needs an importance map")
-        return importance_partition(metric, importance, config, row_sample=row_sample, generator=generator)
+        return importance_partition(metric, importance, config, row_sample=row_sample, generator=generator, grid=grid)
     if isinstance(config, RandomGridConfig):
         if grid is None:
             raise ValueError("a RandomGridConfig needs the token grid")
@@ -337,7 +344,8 @@ def tiled_partition(
     if isinstance(config, ImportanceConfig):
         if sub_importance is None:
             raise ValueError("an ImportanceConfig needs an importance map")
-        sub = importance_partition(sub_metric, sub_importance, config, row_sample=sub_rows, generator=generator)
+        sub = importance_partition(sub_metric, sub_importance, config, row_sample=sub_rows, generator=generator,
+                                   grid=tile_grid)
     else:
         sub = random_grid_partition(sub_metric, tile_grid, config, row_sample=sub_rows,
                                     num_samples=num_samples * num_tiles, generator=generator)
@@ -363,6 +371,17 @@ def tiled_partition(
 
 
 # --- internals -------------------------------------------------------------------------------------------------------
+
+
+def _grid_destinations(grid: TokenGrid, sx: int, sy: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """[1, K] token indices: one random token in each full ``sy × sx`` cell of every frame."""
+    cells_h, cells_w = grid.height // sy, grid.width // sx
+    pick = torch.randint(sx * sy, (grid.frames, cells_h, cells_w), generator=_generator(generator),
+                         device=_gen_device(generator)).to(device)
+    frame = torch.arange(grid.frames, device=device)[:, None, None]
+    row = torch.arange(cells_h, device=device)[None, :, None] * sy + pick // sx
+    col = torch.arange(cells_w, device=device)[None, None, :] * sx + pick % sx
+    return ((frame * grid.height + row) * grid.width + col).reshape(1, -1)
 
 
 def _check_metric(metric: torch.Tensor) -> tuple:

@@ -101,14 +101,17 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "exactly the most important tokens; larger lets similar important tokens merge instead.",
             }),
             "dst_mode": (list(DST_MODES), {
-                "default": "random",
-                "tooltip": "How destinations are drawn from the important pool: random, the top ones, or evenly "
-                           "spaced through the ranking.",
+                "default": "top",
+                "tooltip": "Where merged tokens go. random / top / evenly: destinations drawn from the pool of important "
+                           "tokens (randomly, the most important, evenly through the ranking; the paper uses random). "
+                           "grid: one random destination per 2x2 cell over the whole image, so unimportant tokens "
+                           "merge into nearby similar ones; the importance map still decides which tokens are kept.",
             }),
             "warmup_mode": (list(WARMUP_MODES), {
-                "default": "prune",
-                "tooltip": "Steps without an importance map yet (the first step): prune = drop merged tokens and copy "
-                           "their destination's output (the paper's warm-up); merge = average them (plain ToMe).",
+                "default": "merge",
+                "tooltip": "Steps without an importance map yet (the first step): merge = average merged tokens (plain "
+                           "ToMe; closer to the unmerged image in the quality benchmark); prune = drop them and copy "
+                           "their destination's output (the paper's warm-up).",
             }),
             "cfg1_mode": (list(CFG1_MODES), {
                 "default": "random",

@@ -200,7 +200,8 @@ class MergeRuntime:
             if importance is not None:
                 scores = pool_to_grid(importance.to(n.device), grid)
                 if tiles == (1, 1):
-                    part = importance_partition(n, scores, settings.importance_config(), generator=run.generator)
+                    part = importance_partition(n, scores, settings.importance_config(), generator=run.generator,
+                                                grid=grid)
                 else:
                     part = tiled_partition(n, settings.importance_config(), grid, tiles, importance=scores,
                                            generator=run.generator)

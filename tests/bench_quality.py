@@ -177,7 +177,7 @@ def main(argv=None) -> int:
 
     host = info["host"]
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"quality_{host}")
+    stem = os.path.join(args.out, f"quality_{host.split(' ')[0]}")
     real_accuracy = float((classifier(real_x).argmax(1) == real_y).double().mean())
     command = "tests/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_csv(stem + ".csv", results)

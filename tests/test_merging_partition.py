@@ -346,3 +346,23 @@ def test_tiled_one_by_one_is_the_plain_partition():
 def test_tiles_must_divide_the_grid():
     with pytest.raises(ValueError, match="equal tiles"):
         tile_token_order(TokenGrid(10, 8), 3, 2)
+
+
+def test_grid_destinations_spread_over_the_image_and_importance_decides_the_rest():
+    """dst_mode='grid': one destination per 2x2 cell; the least important tokens are always merged."""
+    grid = TokenGrid(8, 8)
+    metric = torch.randn(2, 64, 16, generator=_gen(4))
+    importance = torch.rand(1, 64, generator=_gen(5))
+    config = ImportanceConfig(0.5, dst_mode="grid")
+    part = importance_partition(metric, importance, config, generator=_gen(6), grid=grid)
+    dst = (part.roles[0] == TokenRole.DESTINATION).reshape(4, 2, 4, 2).permute(0, 2, 1, 3).reshape(16, 4)
+    assert torch.equal(dst.sum(1), torch.ones(16, dtype=torch.long))  # exactly one destination per cell
+    sizes = part.sizes
+    assert sizes.num_dst == 16 and sizes.num_removed == 32
+    order = importance[0].argsort(descending=True)
+    unimportant = order[sizes.pool_size:]  # outside the pool of the M most important tokens
+    merged = part.roles[0] == TokenRole.MERGED
+    is_dst = part.roles[0] == TokenRole.DESTINATION
+    assert bool((merged[unimportant] | is_dst[unimportant]).all())
+    with pytest.raises(ValueError, match="token grid"):
+        importance_partition(metric, importance, config, generator=_gen(6))

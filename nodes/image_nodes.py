@@ -129,6 +129,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "Seed for the random choices of the partition (destinations, warm-up cells). The sampler's "
                            "own noise is not affected.",
             }),
+        }, "optional": {
+            # optional (added in 0.2.0) so that API prompts saved before it still validate
             "tiles": (list(TILE_CHOICES), {
                 "default": "1x1",
                 "tooltip": "Multi-view images tiled in one latent (Zero123++: 3x2 = 3 rows, 2 columns of views): tokens "

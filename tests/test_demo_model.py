@@ -72,10 +72,11 @@ def test_class_names_in_prompts(comfy):
 def test_demo_codec_round_trip_and_img2img(comfy):
     demo = H.pack_module("nodes.demo_model")
     codec = demo.DemoImageCodec()
-    latent = torch.rand(2, 1, 32, 32).expand(-1, 4, -1, -1) * 2 - 1
+    coarse = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1  # a smooth image
+    latent = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").expand(-1, 4, -1, -1)
     image = codec.decode(latent)
     assert image.shape == (2, 256, 256, 3)
     back = codec.encode(image)
-    assert back.shape == (2, 4, 32, 32) and float((back - latent).abs().mean()) < 0.05
+    assert back.shape == (2, 4, 32, 32) and float((back - latent).abs().mean()) < 0.02
     with pytest.raises(ValueError, match="multiples of 8"):
         codec.encode(torch.rand(1, 30, 32, 3))

@@ -22,10 +22,15 @@ def _prompt(arch="sd15", merge=True, ratio=0.5):
 def test_pack_registers_its_nodes(comfy):
     import nodes
 
-    assert comfy["pack_nodes"] == ["ITM_ImportanceTokenMerging", "ITM_ImportanceTokenMergingAdvanced"]
+    assert sorted(comfy["pack_nodes"]) == ["ITM_DemoModelLoader", "ITM_ImportanceTokenMerging",
+                                           "ITM_ImportanceTokenMergingAdvanced"]
     for name in comfy["pack_nodes"]:
         assert name in nodes.NODE_CLASS_MAPPINGS
-        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith("Importance Token Merging")
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith(("Importance Token Merging", "Load Demo Model"))
+        spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
+        for section in ("required", "optional"):  # every input has a tooltip
+            for input_name, value in (spec.get(section) or {}).items():
+                assert value[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
 
 
 def test_prompt_with_pack_node_runs(comfy, record_property):

@@ -124,6 +124,8 @@ def demo_grid(prompt: dict, args, out: str) -> None:
     _insert_recorder(prompt)
     for node in _nodes_of(prompt, "ITM_ImportanceTokenMerging") + _nodes_of(prompt, "ITM_ImportanceTokenMergingAdvanced"):
         node["inputs"]["ratio"] = args.ratio
+    for node in _nodes_of(prompt, "EmptyLatentImage"):
+        node["inputs"]["batch_size"] = args.show  # only what the grid shows
     positive_id = _nodes_of(prompt, "KSampler")[0]["inputs"]["positive"][0]
     images, maps, timings = {}, {}, {}
     for method, _ in METHODS:
@@ -171,7 +173,7 @@ def demo_grid(prompt: dict, args, out: str) -> None:
     path = os.path.join(out, "demo_grid.png")
     canvas.save(path)
     log.info("grid: %s", path)
-    log.info("timing (all %d classes, CPU): no merging %.1f s, random ToMe %.1f s (%.2fx), importance %.1f s (%.2fx)",
+    log.info("timing (all %d classes): no merging %.1f s, random ToMe %.1f s (%.2fx), importance %.1f s (%.2fx)",
              len(demo.CLASSES), timings["none"], timings["random"], timings["none"] / timings["random"],
              timings["cfg"], timings["none"] / timings["cfg"])
 
@@ -203,13 +205,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.path.join(REPO, "output", "demo"))
     parser.add_argument("--ratio", type=float, default=0.5, help="merge ratio of the demo grid")
     parser.add_argument("--show", type=int, default=2, help="samples per class and method in the demo grid")
+    parser.add_argument("--attention", choices=("pytorch", "auto"), default="pytorch",
+                        help="pytorch: boot ComfyUI with --use-pytorch-cross-attention (PyTorch's SDPA; on CPU the "
+                             "2024 host otherwise picks its much slower sub-quadratic attention); auto: ComfyUI's pick")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     import comfy_harness
 
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or comfy_harness.pinned_host_root()
-    info = comfy_harness.boot_with_pack(root, REPO)
+    extra = ("--use-pytorch-cross-attention",) if args.attention == "pytorch" else ()
+    info = comfy_harness.boot_with_pack(root, REPO, extra_args=extra)
     logging.getLogger().setLevel(logging.INFO)
     import folder_paths
     import nodes
@@ -223,7 +229,10 @@ def main(argv=None) -> int:
     prompt = to_api_prompt(workflow, lambda t: nodes.NODE_CLASS_MAPPINGS[t].INPUT_TYPES())
     if not any(node["class_type"].startswith("ITM_ImportanceTokenMerging") for node in prompt.values()):
         raise SystemExit(f"{args.workflow} has no Importance Token Merging node")
-    log.info("host %s; workflow %s", info["host"], os.path.relpath(args.workflow))
+    import comfy.ldm.modules.attention as attention_module
+
+    log.info("host %s; workflow %s; attention %s", info["host"], os.path.relpath(args.workflow),
+             getattr(attention_module.optimized_attention, "__name__", "?"))
     if _nodes_of(prompt, "ITM_DemoModelLoader"):
         demo_grid(prompt, args, out)
     else:

@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--real", type=int, default=2000, help="real test images for the EfficientNet reference")
     parser.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet-Lite0 feature space")
     parser.add_argument("--picture-columns", type=int, default=20)
+    parser.add_argument("--bootstrap", type=int, default=50, help="bootstrap rounds of the FD intervals")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
     args = parser.parse_args(argv)
     methods = [parse_method(m) for m in args.methods.split(",")]
@@ -166,15 +167,22 @@ def main(argv=None) -> int:
         correct = (logits.argmax(1) == classes).double()
         row["accuracy"], row["accuracy_ci"] = metrics.mean_ci(correct)
         row["fd_cls"], row["fd_cls_lo"], row["fd_cls_hi"] = metrics.frechet_bootstrap(
-            classifier.features(generated), real_cls)
+            classifier.features(generated), real_cls, rounds=args.bootstrap)
         if effnet is not None:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
-                eff_features(generated), real_eff)
+                eff_features(generated), real_eff, rounds=args.bootstrap)
         results.append(row)
-        print(f"{tag:>28}: {seconds:6.1f}s  PSNR {row.get('psnr', math.inf):6.2f}  SSIM {row.get('ssim', 1.0):.4f}  "  # noqa: T201
+        write_all(args, info, results, images, classes, demo, metadata, classifier, real_x, real_y, effnet, ratios, argv)
+        print(f"{tag:>28}: {seconds:6.1f}s  PSNR {row.get('psnr', math.inf):6.2f} ± {row.get('psnr_ci', 0):.2f}  "  # noqa: T201
+              f"SSIM {row.get('ssim', 1.0):.4f} ± {row.get('ssim_ci', 0):.4f}  "
               f"acc {row['accuracy']:.3f}  FD-cls {row['fd_cls']:.3f}"
               + (f"  FD-eff {row['fd_eff']:.2f}" if effnet is not None else ""), flush=True)
 
+    return 0
+
+
+def write_all(args, info, results, images, classes, demo, metadata, classifier, real_x, real_y, effnet, ratios, argv):
+    """(Re)write md, csv and png after every setting, so an interrupted run keeps what it measured."""
     host = info["host"]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"quality_{host.split(' ')[0]}")
@@ -183,8 +191,6 @@ def main(argv=None) -> int:
     write_csv(stem + ".csv", results)
     write_markdown(stem + ".md", results, args, host, command, metadata, real_accuracy, effnet is not None)
     write_picture(stem + ".png", images, args.picture_columns, classes, demo.CLASSES, ratios)
-    print(f"wrote {stem}.md, .csv, .png", flush=True)  # noqa: T201
-    return 0
 
 
 def write_csv(path, results):

@@ -323,8 +323,13 @@ def tiled_partition(
     if grid.num_tokens != num_tokens:
         raise ValueError(f"the token grid has {grid.num_tokens} tokens but the block has {num_tokens}")
     if (tiles_y, tiles_x) == (1, 1):
-        return make_partition(metric, config, grid=grid, importance=importance, row_sample=row_sample,
-                              generator=generator)
+        if isinstance(config, ImportanceConfig):
+            if importance is None:
+                raise ValueError("an ImportanceConfig needs an importance map")
+            return importance_partition(metric, importance, config, row_sample=row_sample, generator=generator,
+                                        grid=grid)
+        return random_grid_partition(metric, grid, config, row_sample=row_sample, num_samples=num_samples,
+                                     generator=generator)
     device = metric.device
     order = tile_token_order(grid, tiles_y, tiles_x).to(device)  # [T, Nt]
     num_tiles, per_tile = order.shape

@@ -33,9 +33,7 @@ from ..merging import (
     TokenGrid,
     find_unet_level,
     importance_map,
-    importance_partition,
     pool_to_grid,
-    random_grid_partition,
     tiled_partition,
 )
 from .settings import MergeSettings, sigma_range
@@ -195,24 +193,15 @@ class MergeRuntime:
         samples = n.shape[0] // chunks
         use_importance = settings.importance == "cfg" and run.map is not None
         importance = self._map_for_chunk(samples, height, width, extra) if use_importance else None
-        tiles = settings.tile_grid
         try:
             if importance is not None:
                 scores = pool_to_grid(importance.to(n.device), grid)
-                if tiles == (1, 1):
-                    part = importance_partition(n, scores, settings.importance_config(), generator=run.generator,
-                                                grid=grid)
-                else:
-                    part = tiled_partition(n, settings.importance_config(), grid, tiles, importance=scores,
-                                           generator=run.generator)
+                part = tiled_partition(n, settings.importance_config(), grid, settings.tile_grid, importance=scores,
+                                       generator=run.generator)
                 mode = "mean"
             else:
-                if tiles == (1, 1):
-                    part = random_grid_partition(n, grid, settings.random_config(), generator=run.generator,
-                                                 num_samples=samples)
-                else:
-                    part = tiled_partition(n, settings.random_config(), grid, tiles, num_samples=samples,
-                                           generator=run.generator)
+                part = tiled_partition(n, settings.random_config(), grid, settings.tile_grid, num_samples=samples,
+                                       generator=run.generator)
                 # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
                 warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
                 mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"

@@ -134,6 +134,7 @@ def main(argv=None) -> int:
     classifier = load_classifier()
     real_x, real_y = real_images("test")
     real_cls = classifier.features(real_x)
+    real_accuracy = float((classifier.head(real_cls).argmax(1) == real_y).double().mean())
     effnet = None
     if not args.no_effnet:
         from quality.effnet_lite0 import load_effnet_lite0, preprocess_gray
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
                 eff_features(generated), real_eff, rounds=args.bootstrap)
         results.append(row)
-        write_all(args, info, results, images, classes, demo, metadata, classifier, real_x, real_y, effnet, ratios, argv)
+        write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv)
         print(f"{tag:>28}: {seconds:6.1f}s  PSNR {row.get('psnr', math.inf):6.2f} ± {row.get('psnr_ci', 0):.2f}  "  # noqa: T201
               f"SSIM {row.get('ssim', 1.0):.4f} ± {row.get('ssim_ci', 0):.4f}  "
               f"acc {row['accuracy']:.3f}  FD-cls {row['fd_cls']:.3f}"
@@ -181,12 +182,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_all(args, info, results, images, classes, demo, metadata, classifier, real_x, real_y, effnet, ratios, argv):
+def write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv):
     """(Re)write md, csv and png after every setting, so an interrupted run keeps what it measured."""
     host = info["host"]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"quality_{host.split(' ')[0]}")
-    real_accuracy = float((classifier(real_x).argmax(1) == real_y).double().mean())
     command = "tests/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_csv(stem + ".csv", results)
     write_markdown(stem + ".md", results, args, host, command, metadata, real_accuracy, effnet is not None)

@@ -431,7 +431,7 @@ def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, de
     UNet with SpatialVideoTransformer stacks (spatial + temporal blocks), temporal res blocks, 8 input channels
     (noise + concat image latent) and the real adm sizes (768 / 256 / 1280). Returns the ModelPatcher; conditioning
     comes from ComfyUI's own SVD_img2vid_Conditioning / SV3D_Conditioning with :class:`StandInClipVision` and
-    :class:`StandInVAE`."""
+    the pack's DemoImageCodec (4 latent channels <-> gray image, 8x)."""
     kind = _need_boot()
     import torch
     import comfy.supported_models
@@ -488,32 +488,6 @@ class StandInClipVision:
         output = Output(image_embeds=embeds)
         output.image_embeds = embeds
         return output
-
-
-class StandInVAE:
-    """VAE stand-in: 8x average pooling of the gray image into 4 channels and back (enough for conditioning nodes)."""
-
-    downscale_ratio = 8
-    upscale_ratio = 8
-    latent_channels = 4
-
-    def spacial_compression_encode(self):
-        return 8
-
-    def spacial_compression_decode(self):
-        return 8
-
-    def encode(self, pixels):
-        import torch.nn.functional as F
-
-        gray = pixels[..., :3].float().mean(dim=-1)[:, None]
-        return (F.avg_pool2d(gray, 8) * 2 - 1).expand(-1, 4, -1, -1).contiguous()
-
-    def decode(self, samples):
-        import torch.nn.functional as F
-
-        gray = ((samples.float().mean(dim=1, keepdim=True) + 1) / 2).clamp(0, 1)
-        return F.interpolate(gray, scale_factor=8)[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
 
 
 def write_tiny_lora(model, path: str, rank: int = 4, seed: int = 0) -> int:

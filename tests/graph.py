@@ -19,3 +19,27 @@ class Out:
 
     def __getitem__(self, index: int):
         return [self.id, index]
+
+
+def node_classes():
+    """ComfyUI's registered node classes (the booted host's ``nodes.NODE_CLASS_MAPPINGS``)."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+def latent(node_id="out"):
+    """The latent a HostTestLatentStats node received in the last run."""
+    return node_classes()["HostTestLatentStats"].LAST[node_id]
+
+
+def records(node_id="probe"):
+    """What a HostTestAttnProbe saw in self-attention."""
+    return node_classes()["HostTestAttnProbe"].RECORDS[node_id]
+
+
+def last_run(node_id="probe"):
+    """The summary of the last sampling run of the merging runtime a HostTestAttnProbe found on its model."""
+    runtime = node_classes()["HostTestAttnProbe"].RUNTIMES[node_id]
+    assert runtime is not None, "the probe found no importance-merging runtime on the model"
+    return runtime.summaries()[-1]

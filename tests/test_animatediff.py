@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import comfy_harness as H
-from graph import Graph
+from graph import Graph, last_run, latent, node_classes, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("ITM_SHARED_DIR") or os.path.join(os.path.dirname(REPO), "shared")
@@ -199,24 +199,6 @@ def _free_full_model():
         comfy.model_management.unload_all_models()
 
 
-def _nodes():
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS
-
-
-def latent(node_id="out"):
-    return _nodes()["HostTestLatentStats"].LAST[node_id]
-
-
-def records(node_id="probe"):
-    return _nodes()["HostTestAttnProbe"].RECORDS[node_id]
-
-
-def last_run(node_id="probe"):
-    runtime = _nodes()["HostTestAttnProbe"].RUNTIMES[node_id]
-    assert runtime is not None
-    return runtime.summaries()[-1]
 
 
 @pytest.fixture

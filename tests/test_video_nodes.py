@@ -7,31 +7,13 @@ import pytest
 import torch
 
 import comfy_harness as H
-from graph import Graph
+from graph import Graph, last_run, latent, node_classes, records
 
 SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
 ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="random", warmup_mode="prune",
                 cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
 
 
-def _nodes():
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS
-
-
-def latent(node_id="out"):
-    return _nodes()["HostTestLatentStats"].LAST[node_id]
-
-
-def records(node_id="probe"):
-    return _nodes()["HostTestAttnProbe"].RECORDS[node_id]
-
-
-def last_run(node_id="probe"):
-    runtime = _nodes()["HostTestAttnProbe"].RUNTIMES[node_id]
-    assert runtime is not None
-    return runtime.summaries()[-1]
 
 
 @pytest.fixture
@@ -132,7 +114,7 @@ def _context_windows(length, overlap):
 @pytest.mark.parametrize("length,overlap", [(4, 1), (6, 2)])
 def test_context_windows_slice_the_map(comfy, map_log, length, overlap):
     """Core context windows: every window is merged with the map rows of its own frames."""
-    if "ContextWindowsManual" not in _nodes():
+    if "ContextWindowsManual" not in node_classes():
         pytest.skip("context windows exist only in current ComfyUI (not on the 2024 host)")
     frames = 9
     H.run_prompt(video_graph("svd", frames=frames, windows=_context_windows(length, overlap)).prompt)

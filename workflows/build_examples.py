@@ -81,6 +81,20 @@ def txt2img(schema, ckpt, size, steps, note, hires=False, img2img=False):
     return b.workflow(note)
 
 
+def sample_decode_save(b, model, positive, negative, latent, vae, prefix, **sampler):
+    """KSampler → VAEDecode → SaveImage; every source is a (node, output slot) pair."""
+    sampler = b.add("KSampler", (840, 180), **dict(dict(seed=0, sampler_name="euler", scheduler="normal",
+                                                        denoise=1.0), **sampler))
+    for (source, slot), name in ((model, "model"), (positive, "positive"), (negative, "negative"),
+                                 (latent, "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (1240, 180))
+    b.link(sampler, 0, decode, "samples")
+    b.link(vae[0], vae[1], decode, "vae")
+    save = b.add("SaveImage", (1500, 180), filename_prefix=prefix)
+    b.link(decode, 0, save, "images")
+
+
 def demo(schema):
     """The main job's workflow: the bundled Fashion-MNIST demo model, no checkpoint needed."""
     b = WorkflowBuilder(schema)
@@ -92,16 +106,8 @@ def demo(schema):
     b.link(loader, 1, pos, "clip")
     b.link(loader, 1, neg, "clip")
     latent = b.add("EmptyLatentImage", (420, 740), width=256, height=256, batch_size=4)
-    sampler = b.add("KSampler", (840, 180), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
-                    denoise=1.0)
-    for source, slot, name in ((merge, 0, "model"), (pos, 0, "positive"), (neg, 0, "negative"),
-                               (latent, 0, "latent_image")):
-        b.link(source, slot, sampler, name)
-    decode = b.add("VAEDecode", (1240, 180))
-    b.link(sampler, 0, decode, "samples")
-    b.link(loader, 2, decode, "vae")
-    save = b.add("SaveImage", (1500, 180), filename_prefix="importance_tome_demo")
-    b.link(decode, 0, save, "images")
+    sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (loader, 2), "importance_tome_demo",
+                       steps=20, cfg=4.0)
     return b.workflow("The pack's bundled demo model (class-conditional Fashion-MNIST, trained by the pack): put a "
                       "class name in the positive prompt (t-shirt, trouser, pullover, dress, coat, sandal, shirt, "
                       "sneaker, bag, ankle boot). 256x256 = one 32x32 latent, 1024 tokens at the merged level.")
@@ -178,16 +184,8 @@ def animatediff(schema):
     b.link(loader, 1, pos, "clip")
     b.link(loader, 1, neg, "clip")
     latent = b.add("EmptyLatentImage", (420, 920), width=512, height=512, batch_size=32)
-    sampler = b.add("KSampler", (840, 180), seed=0, steps=20, cfg=7.0, sampler_name="euler", scheduler="normal",
-                    denoise=1.0)
-    for source, slot, name in ((merge, 0, "model"), (pos, 0, "positive"), (neg, 0, "negative"),
-                               (latent, 0, "latent_image")):
-        b.link(source, slot, sampler, name)
-    decode = b.add("VAEDecode", (1240, 180))
-    b.link(sampler, 0, decode, "samples")
-    b.link(loader, 2, decode, "vae")
-    save = b.add("SaveImage", (1500, 180), filename_prefix="importance_tome_animatediff")
-    b.link(decode, 0, save, "images")
+    sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (loader, 2), "importance_tome_animatediff",
+                       steps=20, cfg=7.0)
     return b.workflow("AnimateDiff (ComfyUI-AnimateDiff-Evolved, with an SD1.5 motion model in "
                       "models/animatediff_models): 32 frames at 512x512 sampled in context windows of 16 frames "
                       "(overlap 4). Frames are the latent batch: each window's frames are merged with their own rows "

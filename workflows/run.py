@@ -27,6 +27,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 sys.path.insert(0, HERE)
 
+import comfy_harness  # noqa: E402  (test harness: boots ComfyUI in this process)
 from ui_format import to_api_prompt  # noqa: E402
 
 log = logging.getLogger("importance_tome.demo")
@@ -47,8 +48,6 @@ class ImportanceRecorder:
         return {"required": {"model": ("MODEL",)}}
 
     def patch(self, model):
-        import comfy_harness
-
         merging = comfy_harness.pack_module("merging")
         patched = model.clone()
 
@@ -120,7 +119,7 @@ def demo_grid(prompt: dict, args, out: str) -> None:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    demo = __import__("comfy_harness").pack_module("nodes.demo_model")
+    demo = comfy_harness.pack_module("nodes.demo_model")
     _insert_recorder(prompt)
     for node in _nodes_of(prompt, "ITM_ImportanceTokenMerging") + _nodes_of(prompt, "ITM_ImportanceTokenMergingAdvanced"):
         node["inputs"]["ratio"] = args.ratio
@@ -139,7 +138,7 @@ def demo_grid(prompt: dict, args, out: str) -> None:
             _set_prefix(variant, f"{method}/{index}")
             ImportanceRecorder.maps = []
             start = time.perf_counter()
-            ui = __import__("comfy_harness").run_prompt(variant)
+            ui = comfy_harness.run_prompt(variant)
             timings[method] += time.perf_counter() - start
             images[(method, index)] = [np.asarray(Image.open(f).convert("L")) for f in sorted(_saved_images(ui, out))]
             if method == "cfg" and ImportanceRecorder.maps:
@@ -192,7 +191,7 @@ def plain_workflow(prompt: dict, out: str) -> None:
     timings = {}
     for name, variant in (("unmerged", plain), ("merged", prompt)):
         start = time.perf_counter()
-        ui = __import__("comfy_harness").run_prompt(variant)
+        ui = comfy_harness.run_prompt(variant)
         timings[name] = time.perf_counter() - start
         log.info("%s: %s", name, ", ".join(_saved_images(ui, out)))
     log.info("timing (whole prompt): unmerged %.2f s, merged %.2f s, ratio %.2fx", timings["unmerged"],
@@ -210,8 +209,6 @@ def main(argv=None) -> int:
                              "2024 host otherwise picks its much slower sub-quadratic attention); auto: ComfyUI's pick")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    import comfy_harness
 
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or comfy_harness.pinned_host_root()
     extra = ("--use-pytorch-cross-attention",) if args.attention == "pytorch" else ()

@@ -136,7 +136,7 @@ class HostTestTinyVideoModel:
 
     def build(self, arch, seed):
         b = _boot()
-        return b.tiny_video_model(arch, seed=seed), b.StandInClipVision(seed=seed), b.StandInVAE()
+        return b.tiny_video_model(arch, seed=seed), b.StandInClipVision(seed=seed), b.pack_module("nodes.demo_model").DemoImageCodec()
 
 
 class HostTestFullSD15:

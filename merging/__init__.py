@@ -3,6 +3,7 @@
 - :mod:`merging.importance`: importance maps from cond/uncond outputs.
 - :mod:`merging.grids`: token grids of UNet levels, DiT patches and videos; pooling a map onto them.
 - :mod:`merging.partition`: importance-based and random-grid partitions, merge and unmerge.
+- :mod:`merging.temporal`: neighbouring video frames sharing the queries of tokens that barely change.
 """
 from .grids import TokenGrid, find_unet_level, pool_to_grid
 from .importance import importance_map, rows_for_samples
@@ -22,6 +23,7 @@ from .partition import (
     tile_token_order,
     tiled_partition,
 )
+from .temporal import TemporalShare, frame_partners, pair_groups, temporal_share
 
 __all__ = [
     "DST_MODES",
@@ -31,16 +33,20 @@ __all__ = [
     "Partition",
     "RandomGridConfig",
     "TokenGrid",
+    "TemporalShare",
     "TokenRole",
     "find_unet_level",
+    "frame_partners",
     "importance_map",
     "importance_partition",
     "make_partition",
+    "pair_groups",
     "max_ratio",
     "plan_sizes",
     "pool_to_grid",
     "random_grid_partition",
     "rows_for_samples",
+    "temporal_share",
     "tile_token_order",
     "tiled_partition",
 ]

@@ -11,6 +11,7 @@ LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
 WARMUP_MODES = ("prune", "merge")
 CFG1_MODES = ("random", "force_uncond")
 SCOPES = ("attention", "transformer")
+PARTITION_REUSE = ("stage", "level", "block")
 TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
 
@@ -31,6 +32,8 @@ class MergeSettings:
     merge_cross_attn: bool = False
     seed: int = 0
     tiles: str = "1x1"
+    partition_reuse: str = "stage"  # one partition per level and UNet stage (down / middle / up) per model call
+    temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
 
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
@@ -40,6 +43,11 @@ class MergeSettings:
         _choice("warmup_mode", self.warmup_mode, WARMUP_MODES)
         _choice("cfg1_mode", self.cfg1_mode, CFG1_MODES)
         _choice("tiles", self.tiles, TILE_CHOICES)
+        _choice("partition_reuse", self.partition_reuse, PARTITION_REUSE)
+        if not 0.0 <= self.temporal_ratio <= 1.0:
+            raise ValueError(f"temporal_ratio must be in [0, 1], got {self.temporal_ratio}")
+        if self.temporal_ratio > 0 and self.scope == "transformer":
+            raise ValueError("temporal_ratio > 0 needs scope = attention (frames share self-attention queries)")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(
                 f"need 0 <= start_percent <= end_percent <= 1, got start_percent={self.start_percent}, "

@@ -16,8 +16,11 @@ object-patched (scoped to the patched model, restored by ComfyUI) with a subclas
 (self-attention, cross-attention and feed-forward) on the merged tokens and adds each token's share of the update
 back to its own full-resolution input (``x + unmerge(blocks(merge(x)) - merge(x))``).
 
-A partition is computed once per level and model call (from the first block of that level) and reused by the
-other blocks of the level, so the index work stays off the per-block path.
+A partition is computed once per level, UNet stage (down / middle / up blocks) and model call, from the first block
+of that stage, and reused by the stage's other blocks, so the index work stays off the per-block path
+(``partition_reuse``: ``level`` shares one partition between the down and up blocks, ``block`` computes one per block).
+The token grid and which tokens are kept come from the importance map either way; what ``stage`` buys is a matching
+of merged tokens computed on the decoder's own features, which differ from the encoder's.
 """
 from __future__ import annotations
 
@@ -30,10 +33,13 @@ import torch
 
 from ..merging import (
     Partition,
+    TemporalShare,
     TokenGrid,
     find_unet_level,
     importance_map,
+    pair_groups,
     pool_to_grid,
+    temporal_share,
     tiled_partition,
 )
 from .settings import MergeSettings, sigma_range
@@ -56,6 +62,7 @@ class RunSummary:
     maps_captured: int = 0
     merged_calls: int = 0
     tokens: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (N, kept)
+    shared: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (kept, queries computed per frame)
     fallbacks: List[str] = field(default_factory=list)
 
     @property
@@ -64,6 +71,8 @@ class RunSummary:
 
     def describe(self) -> str:
         levels = ", ".join(f"level {lvl}: {n} -> {kept} tokens" for lvl, (n, kept) in sorted(self.tokens.items()))
+        levels += "".join(f" ({computed} of {kept} queries per frame computed, the rest shared with the partner "
+                          f"frame)" for lvl, (kept, computed) in sorted(self.shared.items()))
         return (
             f"{levels or 'no level merged'}; evaluations with importance map {self.evaluations_with_map}, "
             f"without (warm-up/fallback) {self.evaluations_without_map}, outside the active range "
@@ -77,6 +86,7 @@ class LevelMerge(NamedTuple):
 
     partition: Partition
     mode: str  # "mean" or "prune"
+    share: Optional[TemporalShare] = None  # neighbouring frames sharing queries (temporal_ratio > 0)
 
 
 class RunState:
@@ -93,7 +103,7 @@ class RunState:
         self.last_sigma: Optional[float] = None
         self.call: Optional[list] = None  # cond_or_uncond list object of the current model call (its identity)
         self.call_active = False
-        self.partitions: Dict[int, Optional[LevelMerge]] = {}
+        self.partitions: Dict[object, Optional[LevelMerge]] = {}  # by MergeRuntime._reuse_key
         self.block: Optional[LevelMerge] = None  # merge of the block being run (between patch and output patch)
         self.logged: set = set()
 
@@ -178,9 +188,20 @@ class MergeRuntime:
             run.target_levels = self.settings.target_levels(level)
         if level not in run.target_levels:
             return None
-        if level not in run.partitions:
-            run.partitions[level] = self._make_partition(n, extra, level, height, width)
-        return run.partitions[level]
+        key = self._reuse_key(level, extra)
+        if key not in run.partitions:
+            run.partitions[key] = self._make_partition(n, extra, level, height, width)
+        return run.partitions[key]
+
+    def _reuse_key(self, level: int, extra: dict):
+        """Which blocks share one partition: a level (``level``), a level's down or up blocks (``stage``), a block."""
+        reuse = self.settings.partition_reuse
+        if reuse == "level":
+            return level
+        block = tuple(extra.get("block") or ())
+        if reuse == "stage":
+            return level, block[:1]  # ("input",) / ("middle",) / ("output",)
+        return level, block, extra.get("block_index")
 
     def _make_partition(self, n: torch.Tensor, extra: dict, level: int, height: int, width: int) -> Optional[LevelMerge]:
         run, settings = self.run, self.settings
@@ -193,15 +214,28 @@ class MergeRuntime:
         samples = n.shape[0] // chunks
         use_importance = settings.importance == "cfg" and run.map is not None
         importance = self._map_for_chunk(samples, height, width, extra) if use_importance else None
+        temporal = settings.temporal_ratio > 0 and samples >= 2
+        if settings.temporal_ratio > 0 and samples < 2:
+            self.note("frames", "temporal_ratio needs a batch of 2 or more frames; this model call has %d latent: "
+                      "spatial merging only", samples)
+        groups, row_sample = samples, None
+        if temporal:  # each pair of frames shares one spatial partition, so their slots hold the same tokens
+            group_of = pair_groups(samples).to(n.device)
+            groups = int(group_of.max()) + 1
+            row_sample = group_of[torch.arange(n.shape[0], device=n.device) % samples]
         try:
             if importance is not None:
                 scores = pool_to_grid(importance.to(n.device), grid)
+                if temporal:
+                    counts = torch.bincount(group_of, minlength=groups).to(scores.dtype)
+                    scores = scores.new_zeros((groups,) + scores.shape[1:]).index_add_(0, group_of, scores)
+                    scores = scores / counts.reshape((-1,) + (1,) * (scores.ndim - 1))
                 part = tiled_partition(n, settings.importance_config(), grid, settings.tile_grid, importance=scores,
-                                       generator=run.generator)
+                                       row_sample=row_sample, generator=run.generator)
                 mode = "mean"
             else:
-                part = tiled_partition(n, settings.random_config(), grid, settings.tile_grid, num_samples=samples,
-                                       generator=run.generator)
+                part = tiled_partition(n, settings.random_config(), grid, settings.tile_grid, num_samples=groups,
+                                       row_sample=row_sample, generator=run.generator)
                 # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
                 warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
                 mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
@@ -217,7 +251,10 @@ class MergeRuntime:
                      "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
                      part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
         run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
-        return LevelMerge(part, mode)
+        share = temporal_share(part.merge(n, mode), settings.temporal_ratio, samples) if temporal else None
+        if share is not None:
+            run.summary.shared[level] = (part.sizes.num_kept, share.num_computed)
+        return LevelMerge(part, mode, share)
 
     def _map_for_chunk(self, samples: int, height: int, width: int, extra: dict) -> Optional[torch.Tensor]:
         """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
@@ -317,16 +354,23 @@ class SelfAttnMerge:
                 return plan.partition.merge(t, plan.mode)
             return t
 
-        return merged, like_n(context), like_n(value)
+        queries = plan.share.select(merged) if plan.share is not None else merged  # frames share alike queries
+        return queries, like_n(context), like_n(value)
 
 
 class SelfAttnUnmerge:
-    """``attn1_output_patch``: give every token its slot's attention output."""
+    """``attn1_output_patch``: give every token its slot's attention output (shared slots: the partner frame's)."""
+
+    fill_shared = True
 
     def __call__(self, n, extra):
         runtime = _runtime(extra)
         plan = runtime.run.block if runtime is not None else None
-        if plan is None or n.shape[1] != plan.partition.sizes.num_kept:
+        if plan is None:
+            return n
+        if self.fill_shared and plan.share is not None and n.shape[1] == plan.share.num_computed:
+            n = plan.share.fill(n)
+        if n.shape[1] != plan.partition.sizes.num_kept:
             return n
         return plan.partition.unmerge(n)
 
@@ -343,7 +387,9 @@ class CrossAttnMerge:
 
 
 class CrossAttnUnmerge(SelfAttnUnmerge):
-    """``attn2_output_patch``: restore the full length after cross-attention."""
+    """``attn2_output_patch``: restore the full length after cross-attention (every slot was computed)."""
+
+    fill_shared = False
 
 
 class ImportanceCapture:

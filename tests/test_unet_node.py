@@ -290,6 +290,31 @@ def test_merge_cross_attention_option(comfy):
     assert summaries("probe")[-1].evaluations_with_map == 3
 
 
+@pytest.mark.parametrize("reuse,expected", [("level", 1), ("stage", 2), ("block", 5)])
+def test_partition_reuse(comfy, monkeypatch, reuse, expected):
+    """The tiny SD1.5 has SD1.5's 5 level-0 self-attention blocks (input 1-2, output 9-11): level shares one partition
+    per evaluation, stage one for the down and one for the up blocks, block one each."""
+    runtime_type = H.pack_module("nodes.unet").MergeRuntime
+    made = []
+    original = runtime_type._make_partition
+
+    def counting(self, n, extra, *args):
+        made.append((extra.get("sigmas").flatten()[0].item(), tuple(extra.get("block"))))
+        return original(self, n, extra, *args)
+
+    monkeypatch.setattr(runtime_type, "_make_partition", counting)
+    H.run_prompt(sample_graph(merge=dict(ADVANCED, partition_reuse=reuse), advanced=True).prompt)
+    blocks = {b for _, b in made}
+    level0 = {(r["block"][0], r["block"][1]) for r in records("probe") if r["tokens"] == 128}
+    assert level0 == {("input", 1), ("input", 2), ("output", 9), ("output", 10), ("output", 11)}, level0
+    per_eval = {}
+    for sigma, block in made:
+        per_eval.setdefault(sigma, []).append(block)
+    assert len(per_eval) == 4 and all(len(v) == expected for v in per_eval.values()), per_eval
+    assert blocks <= level0 and len(blocks) == expected
+    assert summaries("probe")[-1].evaluations_with_map == 3
+
+
 def test_bad_settings_are_clear_errors(comfy):
     node = _nodes()["ITM_ImportanceTokenMergingAdvanced"]()
     model, _, _ = H.tiny_sd15_model()
@@ -297,6 +322,8 @@ def test_bad_settings_are_clear_errors(comfy):
         node.patch(model, **dict(ADVANCED, ratio=0.6, dst_fraction=0.5, pool_scale=1.0))
     with pytest.raises(ValueError, match="start_percent <= end_percent"):
         node.patch(model, **dict(ADVANCED, start_percent=0.8, end_percent=0.2))
+    with pytest.raises(ValueError, match="partition_reuse must be one of"):
+        node.patch(model, **dict(ADVANCED, partition_reuse="never"))
 
 
 def test_unsupported_model_passes_through_with_one_warning(comfy, caplog):

@@ -174,3 +174,54 @@ def test_tiles_that_do_not_divide_leave_the_level_unmerged(comfy, caplog):
     assert torch.isfinite(latent()).all()
     assert 160 in {r["tokens"] for r in records()}  # level 0 ran unmerged
     assert any("equal tiles" in m for m in last_run().fallbacks)
+
+
+@pytest.mark.parametrize("frames", [4, 5])
+def test_temporal_sharing(comfy, monkeypatch, frames):
+    """temporal_ratio 0.5 on SVD: each frame pair shares one spatial partition, every frame computes 24 of its 32
+    merged queries (8 of the 16 most alike slots of a pair computed by each frame), keys/values keep all 32; odd
+    frame counts work; the result stays close to spatial-only merging."""
+    unet = H.pack_module("nodes.unet")
+    plans = []
+    original = unet.MergeRuntime._make_partition
+
+    def recording(self, n, extra, *args):
+        plan = original(self, n, extra, *args)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(unet.MergeRuntime, "_make_partition", recording)
+    H.run_prompt(video_graph("svd", frames=frames, merge=ADVANCED, advanced=True).prompt)
+    spatial_only = latent().clone()
+    plans.clear()
+    H.run_prompt(video_graph("svd", frames=frames, merge=dict(ADVANCED, temporal_ratio=0.5), advanced=True).prompt)
+    shared = latent().clone()
+    assert torch.isfinite(shared).all()
+    run = last_run()
+    assert run.shared == {0: (32, 24)} and run.fallbacks == []
+    spatial = [r for r in records() if not r["temporal"] and r["original_shape"][-2:] == [8, 8]]
+    assert (24, 32) in {(r["tokens"], r["kv_tokens"]) for r in spatial}
+    assert (32, 32) not in {(r["tokens"], r["kv_tokens"]) for r in spatial}
+    level0 = [p for p in plans if p is not None and p.partition.sizes.num_tokens == 64]
+    assert level0 and all(p.share is not None for p in level0)
+    groups = unet.pair_groups(frames)
+    for plan in level0:
+        slot_of = plan.partition.slot_of_token  # [rows, N]; both frames of a pair hold the same tokens per slot
+        row_group = groups[torch.arange(slot_of.shape[0]) % frames]
+        for group in row_group.unique().tolist():
+            same = slot_of[row_group == group]
+            assert (same == same[0]).all()
+    relative = float((shared - spatial_only).norm() / spatial_only.norm())
+    assert 0 < relative < 0.5, relative
+
+
+def test_temporal_ratio_needs_frames_and_attention_scope(comfy):
+    node = node_classes()["ITM_ImportanceTokenMergingAdvanced"]()
+    model, _, _ = H.tiny_sd15_model()
+    with pytest.raises(ValueError, match="temporal_ratio > 0 needs scope = attention"):
+        node.patch(model, **dict(ADVANCED, scope="transformer", temporal_ratio=0.5))
+    with pytest.raises(ValueError, match=r"temporal_ratio must be in \[0, 1\]"):
+        node.patch(model, **dict(ADVANCED, temporal_ratio=1.5))
+    H.run_prompt(video_graph("svd", frames=1, merge=dict(ADVANCED, temporal_ratio=0.5), advanced=True).prompt)
+    assert torch.isfinite(latent()).all()
+    assert any("needs a batch of 2 or more frames" in m for m in last_run().fallbacks)

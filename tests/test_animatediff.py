@@ -221,7 +221,8 @@ def map_log(comfy, monkeypatch):
     return log
 
 
-def ade_graph(model_name, frames=FRAMES, context=None, merge=SIMPLE, steps=2, cfg=5.0):
+def ade_graph(model_name, frames=FRAMES, context=None, merge=SIMPLE, steps=2, cfg=5.0,
+              node="ITM_ImportanceTokenMerging"):
     """Full-width SD1.5 -> ADE (motion model, optional context options, evolved sampling) -> merge -> KSampler."""
     g = Graph()
     sd = g.add("HostTestFullSD15", seed=0)
@@ -239,7 +240,7 @@ def ade_graph(model_name, frames=FRAMES, context=None, merge=SIMPLE, steps=2, cf
     model = g.add("ADE_UseEvolvedSampling", model=sd[0], beta_schedule="autoselect", m_models=m_models[0],
                   **options)[0]
     if merge is not None:
-        model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
+        model = g.add(node, "merge", model=model, **merge)[0]
     probe = g.add("HostTestAttnProbe", "probe", model=model)
     empty = g.add("EmptyLatentImage", width=64, height=64, batch_size=frames)
     sampled = g.add("KSampler", "sampler", model=probe[0], positive=sd[1], negative=sd[2], latent_image=empty[0],
@@ -297,3 +298,14 @@ def test_without_context_windows_all_frames_use_their_rows(comfy, motion_model, 
         assert torch.equal(entry["rows"], entry["full"])
         assert not torch.allclose(entry["full"][0], entry["full"][1])
     assert {r["rows"] for r in records()} == {2 * frames}
+
+
+def test_temporal_sharing_inside_context_windows(comfy, motion_model):
+    """temporal_ratio with ADE windows of 4 frames: frames pair up inside each window, 24 of 32 queries computed."""
+    merge = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="top", warmup_mode="merge", cfg1_mode="random",
+                 merge_cross_attn=False, merge_seed=0, temporal_ratio=0.5)
+    H.run_prompt(ade_graph(motion_model, context=("uniform", 4, 2), merge=merge,
+                           node="ITM_ImportanceTokenMergingAdvanced").prompt)
+    run = _check_run(FRAMES)
+    assert run.shared == {0: (32, 24)}
+    assert (24, 32) in {(r["tokens"], r["kv_tokens"]) for r in records()}

@@ -54,22 +54,33 @@ def parse_method(spec: str):
 
 
 def patched_model(model, name: str, options: dict, ratio: float):
-    import nodes
-
     if name == "none":
         return model
     if name == "builtin":
-        cls = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
-        if hasattr(cls, "FUNCTION"):
-            return getattr(cls(), cls.FUNCTION)(model, ratio)[0]
-        result = cls.execute(model=model, ratio=ratio)
-        return result.result[0] if hasattr(result, "result") else result[0]
-    importance = name.split("-", 1)[1]
+        return builtin_node(model, ratio)
+    return advanced_node(model, ratio=ratio, importance=name.split("-", 1)[1], **options)
+
+
+def builtin_node(model, ratio: float):
+    """ComfyUI's built-in TomePatchModel (a V1 node on the 2024 host, a V3 node on current ComfyUI)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
+    if hasattr(cls, "FUNCTION"):
+        return getattr(cls(), cls.FUNCTION)(model, ratio)[0]
+    result = cls.execute(model=model, ratio=ratio)
+    return result.result[0] if hasattr(result, "result") else result[0]
+
+
+def advanced_node(model, **settings):
+    """The Advanced node with its defaults for every input not in ``settings``; returns the patched model."""
+    import nodes
+
     cls = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]
     spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
     kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
               for key, value in spec.items() if key != "model"}
-    kwargs.update(ratio=ratio, importance=importance, **options)
+    kwargs.update(settings)
     return cls().patch(model, **kwargs)[0]
 
 

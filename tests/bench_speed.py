@@ -33,6 +33,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import comfy_harness as H  # noqa: E402
+from bench_quality import advanced_node, builtin_node  # noqa: E402
 
 STEPS = 3  # step 0 warms up (no importance map yet); steps 1.. are timed (--steps)
 
@@ -126,11 +127,11 @@ def method_models(model, ratios, has_builtin, methods):
     out = [("none", 0.0, model)] if "none" in methods else []
     for ratio in ratios:
         if has_builtin and "builtin" in methods:
-            out.append(("builtin", ratio, _builtin(model, ratio)))
+            out.append(("builtin", ratio, builtin_node(model, ratio)))
         for name in methods:
             if name.endswith("-temporal"):
-                out.append((name, ratio, _advanced(model, ratio, importance=name.split("-")[1],
-                                                   temporal_ratio=TEMPORAL_RATIO)))
+                out.append((name, ratio, advanced_node(model, ratio=ratio, importance=name.split("-")[1],
+                                                       temporal_ratio=TEMPORAL_RATIO)))
             elif name.startswith("itm-"):
                 importance = name.split("-")[1]
                 scope = "transformer" if name.endswith("-transformer") else "attention"
@@ -138,28 +139,6 @@ def method_models(model, ratios, has_builtin, methods):
                                           end_percent=1.0, levels="auto", scope=scope)
                 out.append((name, ratio, patched))
     return out
-
-
-def _advanced(model, ratio, **options):
-    """The advanced node with its default settings, except ``ratio`` and ``options``."""
-    import nodes
-
-    cls = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]
-    spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
-    kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
-              for key, value in spec.items() if key != "model"}
-    kwargs.update(ratio=ratio, **options)
-    return cls().patch(model, **kwargs)[0]
-
-
-def _builtin(model, ratio):
-    import nodes
-
-    cls = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
-    if hasattr(cls, "FUNCTION"):
-        return getattr(cls(), cls.FUNCTION)(model, ratio)[0]
-    result = cls.execute(model=model, ratio=ratio)  # V3 node on current ComfyUI
-    return result.result[0] if hasattr(result, "result") else result[0]
 
 
 def sample_steps(model, positive, negative, latent):

@@ -40,6 +40,19 @@ sys.path.insert(0, os.path.join(REPO, "workflows", "demo_model"))
 import comfy_harness as H  # noqa: E402
 
 
+def boot_demo():
+    """Boot the tests' ComfyUI host (pinned, or the first root of COMFYUI_PATH) with PyTorch SDPA attention, without
+    autograd, and load the bundled demo model: (host info, demo module, MODEL, class table, weights metadata)."""
+    root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
+    info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
+    import torch
+
+    torch.set_grad_enabled(False)
+    demo = H.pack_module("nodes.demo_model")
+    model, clip, _, metadata = demo.load_demo_model()
+    return info, demo, model, clip.table, metadata
+
+
 def parse_method(spec: str):
     """'itm-cfg:pool_scale=1.5;dst_fraction=0.25' → ('itm-cfg', {'pool_scale': 1.5, 'dst_fraction': 0.25})."""
     name, _, rest = spec.partition(":")
@@ -131,17 +144,12 @@ def main(argv=None) -> int:
         methods.insert(0, ("none", {}))
     ratios = [float(r) for r in args.ratios.split(",")]
 
-    root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
-    info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
+    info, demo, model, table, metadata = boot_demo()
     import torch
     from fashion_data import real_images
     from quality.classifier import load_classifier
     from quality import metrics
 
-    torch.set_grad_enabled(False)
-    demo = H.pack_module("nodes.demo_model")
-    model, clip, _, metadata = demo.load_demo_model()
-    table = clip.table
     classes = torch.arange(args.samples) % 10
     seeds = torch.arange(args.samples)
 

@@ -25,8 +25,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "workflows", "demo_model"))
 
-import comfy_harness as H  # noqa: E402
-from bench_quality import patched_model  # noqa: E402
+from bench_quality import boot_demo, patched_model  # noqa: E402
 
 
 def pan_videos(videos: int, frames: int):
@@ -64,17 +63,12 @@ def main(argv=None) -> int:
     if args.frames % 2:
         parser.error("--frames must be even: several videos share a sampler call and frame pairs must not cross them")
 
-    root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
-    info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
+    info, _, model, table, _ = boot_demo()
     import comfy.sample
     import torch
     from fashion_data import to_image, to_latent
     from quality import metrics
 
-    torch.set_grad_enabled(False)
-    demo = H.pack_module("nodes.demo_model")
-    model, clip, _, _ = demo.load_demo_model()
-    table = clip.table
     videos, classes = pan_videos(args.videos, args.frames)
 
     settings = [("none", {}), ("itm-cfg", {})]

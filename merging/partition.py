@@ -154,6 +154,16 @@ class Partition:
     def is_identity(self) -> bool:
         return self.sizes.num_removed == 0
 
+    def take_rows(self, index: torch.Tensor) -> "Partition":
+        """This partition laid out on another batch: row ``i`` of the result is row ``index[i]`` of this one."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.row_sample.device)
+        if index.ndim != 1:  # values are not checked here (no host sync); an out-of-range row fails in the indexing
+            raise ValueError(f"row index must be 1-D, got shape {tuple(index.shape)}")
+        if self.is_identity:
+            return Partition(self.sizes, None, None, None, self.roles, self.row_sample[index])
+        return Partition(self.sizes, self.slot_of_token[index], self.kept_tokens[index], self.slot_counts[index],
+                         self.roles, self.row_sample[index])
+
     def merge(self, x: torch.Tensor, mode: MergeMode = "mean") -> torch.Tensor:
         """[B, N, C] → [B, N - r, C]: ``mean`` averages each destination with its merged tokens, ``prune`` drops them."""
         if self.is_identity:

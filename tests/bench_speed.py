@@ -259,8 +259,8 @@ def main(argv=None):
     unet = H.pack_module("nodes.unet")
     partition_mod = H.pack_module("merging.partition")
     timers = Timers()
-    timers.wrap(unet.MergeRuntime, "capture", "capture")
-    timers.wrap(unet.MergeRuntime, "_make_partition", "matching")
+    timers.wrap(unet.UNetRuntime, "capture", "capture")
+    timers.wrap(unet.UNetRuntime, "_make_partition", "matching")
     timers.wrap(partition_mod.Partition, "merge", "merge")
     timers.wrap(partition_mod.Partition, "unmerge", "unmerge")
 

@@ -219,10 +219,12 @@ def validate_prompt(prompt: dict, prompt_id: str | None = None) -> list:
 
 
 def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | None = None,
-               return_executor: bool = False):
+               return_executor: bool = False, executor=None):
     """Validate and execute an API-format prompt; return {node_id: ui_dict} of the output nodes.
 
-    Raises PromptError (with .details) on validation or execution errors.
+    ``executor``: a PromptExecutor from an earlier call (``return_executor=True``), kept across prompts as ComfyUI's
+    server keeps it, so unchanged nodes are served from its cache. Raises PromptError (with .details) on validation
+    or execution errors.
     """
     kind = _need_boot()
     import execution
@@ -231,7 +233,9 @@ def run_prompt(prompt: dict, prompt_id: str | None = None, extra_data: dict | No
     outputs = validate_prompt(prompt, prompt_id)
 
     stub = StubServer()
-    if kind == "modern":
+    if executor is not None:
+        ex = executor
+    elif kind == "modern":
         ex = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
     else:
         ex = execution.PromptExecutor(stub)

@@ -205,7 +205,7 @@ def _free_full_model():
 def map_log(comfy, monkeypatch):
     """Every importance-map lookup of the pack: dict(ad_params (copied; None when absent), rows used, full map)."""
     unet = H.pack_module("nodes.unet")
-    original = unet.MergeRuntime._map_for_chunk
+    original = unet.UNetRuntime.map_rows
     log = []
 
     def recording(self, samples, height, width, extra):
@@ -217,7 +217,7 @@ def map_log(comfy, monkeypatch):
                         full=self.run.map.clone()))
         return result
 
-    monkeypatch.setattr(unet.MergeRuntime, "_map_for_chunk", recording)
+    monkeypatch.setattr(unet.UNetRuntime, "map_rows", recording)
     return log
 
 

@@ -294,7 +294,7 @@ def test_merge_cross_attention_option(comfy):
 def test_partition_reuse(comfy, monkeypatch, reuse, expected):
     """The tiny SD1.5 has SD1.5's 5 level-0 self-attention blocks (input 1-2, output 9-11): level shares one partition
     per evaluation, stage one for the down and one for the up blocks, block one each."""
-    runtime_type = H.pack_module("nodes.unet").MergeRuntime
+    runtime_type = H.pack_module("nodes.unet").UNetRuntime
     made = []
     original = runtime_type._make_partition
 

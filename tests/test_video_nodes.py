@@ -20,7 +20,7 @@ ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.4, dst_mode="random", wa
 def map_log(comfy, monkeypatch):
     """Records every importance-map lookup of the pack: (window frames or None, rows used, the run's full map)."""
     unet = H.pack_module("nodes.unet")
-    original = unet.MergeRuntime._map_for_chunk
+    original = unet.UNetRuntime.map_rows
     log = []
 
     def recording(self, samples, height, width, extra):
@@ -30,7 +30,7 @@ def map_log(comfy, monkeypatch):
         log.append((frames, None if result is None else result.clone(), self.run.map.clone()))
         return result
 
-    monkeypatch.setattr(unet.MergeRuntime, "_map_for_chunk", recording)
+    monkeypatch.setattr(unet.UNetRuntime, "map_rows", recording)
     return log
 
 
@@ -183,14 +183,14 @@ def test_temporal_sharing(comfy, monkeypatch, frames):
     frame counts work; the result stays close to spatial-only merging."""
     unet = H.pack_module("nodes.unet")
     plans = []
-    original = unet.MergeRuntime._make_partition
+    original = unet.UNetRuntime._forward_merge
 
     def recording(self, n, extra, *args):
         plan = original(self, n, extra, *args)
         plans.append(plan)
         return plan
 
-    monkeypatch.setattr(unet.MergeRuntime, "_make_partition", recording)
+    monkeypatch.setattr(unet.UNetRuntime, "_forward_merge", recording)
     H.run_prompt(video_graph("svd", frames=frames, merge=ADVANCED, advanced=True).prompt)
     spatial_only = latent().clone()
     plans.clear()

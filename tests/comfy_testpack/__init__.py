@@ -161,7 +161,58 @@ class HostTestFullSD15:
         return HostTestFullSD15.CACHE[seed]
 
 
+class HostTestTiledWrapper:
+    """MODEL -> MODEL: a ``model_function_wrapper`` that runs the UNet on non-overlapping ``tile``×``tile`` latent
+    tiles, ``per_batch`` tiles per UNet pass, with the same transformer_options for every pass (as
+    ComfyUI-TiledDiffusion's MultiDiffusion does). Rows of a pass are chunk-major: [chunk 0: tiles; chunk 1: tiles]."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tile": ("INT", {"default": 16, "min": 8, "max": 64, "step": 8}),
+                             "per_batch": ("INT", {"default": 4, "min": 1, "max": 64})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+    CATEGORY = "testing/host"
+
+    def wrap(self, model, tile, per_batch):
+        import torch
+
+        def wrapper(apply_model, args):
+            x, t, c = args["input"], args["timestep"], args["c"]
+            rows = x.shape[0]
+            chunks = len(args.get("cond_or_uncond") or [0]) or 1
+            per_chunk = rows // chunks
+            spots = [(y, z) for y in range(0, x.shape[2], tile) for z in range(0, x.shape[3], tile)]
+            out = torch.zeros_like(x)
+            for start in range(0, len(spots), per_batch):
+                group = spots[start:start + per_batch]
+
+                def tiles_of(v):  # [rows, ...] -> chunk-major [chunks * len(group) * per_chunk, ...]
+                    parts = []
+                    for k in range(chunks):
+                        block = v[k * per_chunk:(k + 1) * per_chunk]
+                        parts += [block[:, :, y:y + tile, z:z + tile] if v.ndim == 4 else block for (y, z) in group]
+                    return torch.cat(parts)
+
+                xb = tiles_of(x)
+                cb = {k: (tiles_of(v) if isinstance(v, torch.Tensor) and v.shape[:1] == (rows,) else v)
+                      for k, v in c.items()}
+                yb = apply_model(xb, tiles_of(t), **cb)
+                i = 0
+                for k in range(chunks):
+                    for (y, z) in group:
+                        out[k * per_chunk:(k + 1) * per_chunk, :, y:y + tile, z:z + tile] = yb[i:i + per_chunk]
+                        i += per_chunk
+            return out
+
+        m = model.clone()
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
+
+
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
+NODE_CLASS_MAPPINGS["HostTestTiledWrapper"] = HostTestTiledWrapper
 NODE_CLASS_MAPPINGS["HostTestFullSD15"] = HostTestFullSD15
 NODE_CLASS_MAPPINGS["HostTestTinyVideoModel"] = HostTestTinyVideoModel
 NODE_CLASS_MAPPINGS["HostTestTinyControlNet"] = HostTestTinyControlNet

@@ -1,0 +1,327 @@
+"""Family-neutral run bookkeeping: per-run state, CFG importance capture, model-call and step detection.
+
+A model-family adapter (``nodes/unet.py`` for UNets) subclasses :class:`MergeRuntime` and decides where tokens are
+merged; everything here is the same for every family:
+
+* **Runs.** Per-run state lives in ``model_options["transformer_options"][KEY]``. On current ComfyUI an
+  ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh runtime and logs its summary at the end; on hosts without
+  wrappers a run is detected when sigma goes up again (the summary is logged when the next run starts).
+* **Active range.** ``start_percent`` / ``end_percent`` are turned into sigmas when a run starts, from the model
+  sampling of the model *being sampled* (a ModelSampling node placed after the merging node counts), not when the
+  node runs.
+* **Model calls and steps.** A *forward* is one pass of the diffusion model (the adapter gives a token that is new for
+  every pass); a *step* is one model evaluation (one sigma), which ComfyUI may spread over several forwards: cond and
+  uncond in separate calls when memory is short, context windows, tiled wrappers. Merges are kept per step and
+  shared by the forwards of that step that serve other cond chunks, so an image does not depend on how ComfyUI
+  batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
+  gets its own merge.
+* **Importance.** ``sampler_post_cfg_function`` stores ``|cond - uncond|`` of every evaluation as the map for the next.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
+
+import torch
+
+from ..merging import Partition, TemporalShare, importance_map
+from .settings import MergeSettings, sigma_range
+
+log = logging.getLogger("comfyui_importance_tome")
+
+KEY = "importance_tome"
+WRAPPER_KEY = "importance_tome"
+
+
+@dataclass
+class RunSummary:
+    """What one sampling run did; kept (last few runs) on the patched model for inspection and tests."""
+
+    evaluations_with_map: int = 0
+    evaluations_without_map: int = 0
+    evaluations_inactive: int = 0
+    maps_captured: int = 0
+    merged_calls: int = 0
+    partitions: int = 0  # partitions computed (one per step, merge site and sample layout)
+    tokens: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (N, kept)
+    shared: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (kept, queries computed per frame)
+    sigma_bounds: Optional[Tuple[float, float]] = None  # the active range (sigma_start, sigma_end) of this run
+    fallbacks: List[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.evaluations_with_map or self.evaluations_without_map or self.evaluations_inactive)
+
+    def describe(self) -> str:
+        levels = ", ".join(f"level {lvl}: {n} -> {kept} tokens" for lvl, (n, kept) in sorted(self.tokens.items()))
+        levels += "".join(f" ({computed} of {kept} queries per frame computed, the rest shared with the partner "
+                          f"frame)" for lvl, (kept, computed) in sorted(self.shared.items()))
+        return (
+            f"{levels or 'no level merged'}; evaluations with importance map {self.evaluations_with_map}, "
+            f"without (warm-up/fallback) {self.evaluations_without_map}, outside the active range "
+            f"{self.evaluations_inactive}; {self.merged_calls} attention calls merged"
+            + (f"; fallbacks: {'; '.join(self.fallbacks)}" if self.fallbacks else "")
+        )
+
+
+class LevelMerge(NamedTuple):
+    """How one merge site is merged in the current forward."""
+
+    partition: Partition
+    mode: str  # "mean" or "prune"
+    share: Optional[TemporalShare] = None  # neighbouring frames sharing queries (temporal_ratio > 0)
+
+
+@dataclass
+class StepMerge:
+    """A merge computed in this step, per sample, and the cond chunks it has served so far."""
+
+    merge: Optional[LevelMerge]
+    served: set
+
+
+class RunState:
+    """Mutable state of one sampling run."""
+
+    def __init__(self, settings: MergeSettings) -> None:
+        self.summary = RunSummary()
+        self.generator = torch.Generator()
+        self.generator.manual_seed(settings.seed)
+        self.bounds: Optional[Tuple[float, float]] = None  # (sigma_start, sigma_end), resolved at the first call
+        self.map: Optional[torch.Tensor] = None  # [b, H, W] from the previous evaluation
+        self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no map will come
+        self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
+        self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
+        self.last_sigma: Optional[float] = None
+        self.forward: object = None  # token of the current forward (the adapter's, compared by identity)
+        self.call_active = False
+        self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
+        self.partitions: Dict[object, Optional[LevelMerge]] = {}  # this forward's merges (rows of this forward)
+        self.block: Optional[LevelMerge] = None  # merge of the block being run (between patch and output patch)
+        self.logged: set = set()
+
+
+def chunk_ids(extra: dict, count: int) -> FrozenSet:
+    """Names of the cond chunks of this forward: ComfyUI's per-cond uuids where it has them (current ComfyUI),
+    else (cond index, occurrence) pairs from ``cond_or_uncond`` (2024 host)."""
+    uuids = extra.get("uuids")
+    if isinstance(uuids, (list, tuple)) and len(uuids) == count and len(set(map(str, uuids))) == count:
+        return frozenset(str(u) for u in uuids)
+    seen: Dict[int, int] = {}
+    ids = []
+    for value in list(extra.get("cond_or_uncond") or [])[:count] or [0]:
+        ids.append((value, seen.get(value, 0)))
+        seen[value] = seen.get(value, 0) + 1
+    return frozenset(ids)
+
+
+class MergeRuntime:
+    """Everything the patches need: settings, the active range and the current run's state."""
+
+    def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
+                 history: Optional[list] = None) -> None:
+        self.settings = settings
+        # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
+        # a weak reference, so deep copies of model_options (2024 host) never copy the model
+        self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
+        self.managed = managed  # True when a host wrapper starts and ends each run
+        self.history = history if history is not None else []
+        self.run = RunState(settings)
+
+    def fresh(self) -> "MergeRuntime":
+        """A runtime for one sampling run that shares settings and history with this one."""
+        return type(self)(self.settings, self._model, managed=True, history=self.history)
+
+    def summaries(self) -> List[RunSummary]:
+        """Finished runs (oldest first), plus the current run on hosts where a run's end is not signalled."""
+        current = self.run.summary
+        return list(self.history) + ([] if current.empty else [current])
+
+    def finish_run(self) -> None:
+        run = self.run
+        if not run.summary.empty:
+            self.history.append(run.summary)
+            del self.history[:-8]
+            log.info("Importance Token Merging (%s, ratio %.2f): %s", self.settings.importance, self.settings.ratio,
+                     run.summary.describe())
+        self.run = RunState(self.settings)
+
+    def note(self, key: str, message: str, *args) -> None:
+        """Log a fallback once per run (INFO) and remember it in the summary."""
+        if key in self.run.logged:
+            return
+        self.run.logged.add(key)
+        text = message % args if args else message
+        self.run.summary.fallbacks.append(text)
+        log.info("Importance Token Merging: %s", text)
+
+    # --- per forward and step -------------------------------------------------------------------------------------
+
+    def _bounds(self) -> Tuple[float, float]:
+        """The active sigma range, from the model sampling in force now (during sampling: the sampled model's)."""
+        model = self._model() if self._model is not None else None
+        sampling = getattr(model, "model_sampling", None)
+        return sigma_range(sampling, self.settings.start_percent, self.settings.end_percent)
+
+    def begin_forward(self, extra: dict, forward: object) -> RunState:
+        """Bookkeeping at the first merge site of a forward (``forward`` is the adapter's token for it)."""
+        run = self.run
+        if forward is run.forward and forward is not None:
+            return run
+        sigmas = extra.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
+        new_step = sigma != run.last_sigma
+        if not self.managed and run.last_sigma is not None and sigma is not None and sigma > run.last_sigma * (1 + 1e-4):
+            self.finish_run()  # sigma went up: a new sampling run on a host without run wrappers
+            run = self.run
+            new_step = True
+        if run.bounds is None:
+            run.bounds = run.summary.sigma_bounds = self._bounds()
+        run.last_sigma = sigma
+        run.forward = forward
+        run.partitions = {}
+        run.block = None
+        start, end = run.bounds
+        run.call_active = sigma is None or end <= sigma <= start
+        if new_step:
+            run.step_merges = {}
+            if not run.call_active:
+                run.summary.evaluations_inactive += 1
+            elif run.map is not None and self.settings.importance == "cfg":
+                run.summary.evaluations_with_map += 1
+            else:
+                run.summary.evaluations_without_map += 1
+        return run
+
+    def step_merge(self, key: object, chunks: FrozenSet, build: Callable[[], Optional[LevelMerge]]) -> Optional[LevelMerge]:
+        """This step's per-sample merge for ``key``, shared with the step's other forwards that serve other cond
+        chunks; computed by ``build`` when there is none or when one of ``chunks`` was served already."""
+        run = self.run
+        entry = run.step_merges.get(key)
+        if entry is None or entry.served & chunks:
+            entry = run.step_merges[key] = StepMerge(build(), set())
+            if entry.merge is not None:
+                run.summary.partitions += 1
+        entry.served |= chunks
+        return entry.merge
+
+    def map_rows(self, samples: int, height: int, width: int, extra: dict) -> Optional[torch.Tensor]:
+        """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
+        run = self.run
+        imap = run.map
+        frames = window_frames(extra, imap.shape[0], samples)
+        if frames is not None:  # a context window: the rows of the window's frames, in the window's order
+            imap = imap[torch.as_tensor(frames, dtype=torch.long, device=imap.device)]
+        if imap.shape[0] != samples:
+            self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
+                      imap.shape[0], samples)
+            return None
+        if tuple(imap.shape[-2:]) == (height, width):
+            return imap
+        full_h, full_w = imap.shape[-2:]
+        offsets = set()
+        for area in run.areas:  # an area cond runs on a crop of the latent: find which one
+            h, w, y, x = area[0], area[1], area[2], area[3]
+            h, w = min(h, full_h - y), min(w, full_w - x)
+            if (h, w) == (height, width):
+                offsets.add((y, x))
+        if len(offsets) == 1:
+            y, x = offsets.pop()
+            return imap[:, y:y + height, x:x + width]
+        self.note(f"size{height}x{width}", "no unique importance map crop for a %dx%d model call (latent %dx%d); "
+                  "using random merging for it", height, width, full_h, full_w)
+        return None
+
+    # --- importance capture ---------------------------------------------------------------------------------------
+
+    def capture(self, args: dict) -> None:
+        run = self.run
+        cond, uncond = args.get("cond_denoised"), args.get("uncond_denoised")
+        if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim != 4:
+            return
+        if self.settings.importance != "cfg":
+            return
+        # cfg = 1: no uncond pass was computed (current ComfyUI passes None; the 2024 host an all-zero prediction)
+        run.no_uncond = args.get("uncond") is None or not bool(uncond.abs().amax() > 0)
+        if run.no_uncond:
+            run.map = None
+            self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
+                      "ToMe baseline instead (set cfg1_mode = force_uncond on the advanced node to compute it)")
+            return
+        run.map = importance_map(cond, uncond)
+        run.areas = [tuple(int(v) for v in c["area"][:4]) for c in (args.get("cond") or []) + (args.get("uncond") or [])
+                     if isinstance(c, dict) and c.get("area") is not None and len(c["area"]) >= 4]
+        run.summary.maps_captured += 1
+
+
+def window_frames(extra: dict, full_length: int, samples: int) -> Optional[list]:
+    """The frame indices of the context window being computed, when the map (``full_length`` frames) must be sliced.
+
+    Core ComfyUI's context windows put the window in ``transformer_options["context_window"]`` (``index_list``
+    along ``dim``; 0 = the latent batch, which is the frame axis of UNet video models); AnimateDiff-Evolved puts
+    ``ad_params = {"full_length", "sub_idxs", "context_length"}`` there. Both objects outlive the windowed call, so
+    the slice is only taken when the window's length matches the chunk and its full length matches the map.
+    """
+    window = extra.get("context_window")
+    if window is not None and getattr(window, "dim", 0) == 0:
+        index = list(getattr(window, "index_list", None) or [])
+        total = getattr(window, "total_frames", full_length)
+        if index and len(index) == samples and total == full_length and max(index) < full_length:
+            return index
+    params = extra.get("ad_params")
+    if isinstance(params, dict) and params.get("sub_idxs") is not None:
+        index = list(params["sub_idxs"])
+        if len(index) == samples and params.get("full_length", full_length) == full_length and max(index) < full_length:
+            return index
+    return None
+
+
+def runtime_of(extra: dict) -> Optional[MergeRuntime]:
+    runtime = extra.get(KEY) if isinstance(extra, dict) else None
+    return runtime if isinstance(runtime, MergeRuntime) else None
+
+
+class ImportanceCapture:
+    """``sampler_post_cfg_function``: keep ``|cond - uncond|`` for the next evaluation; returns denoised unchanged."""
+
+    def __call__(self, args):
+        model_options = args.get("model_options") or {}
+        runtime = runtime_of(model_options.get("transformer_options", {}))
+        if runtime is not None:
+            runtime.capture(args)
+        return args["denoised"]
+
+
+def outer_sample_wrapper(executor, *args, **kwargs):
+    """Current ComfyUI: a fresh runtime for each sampling run, summary logged at the end."""
+    guider = executor.class_obj
+    original = guider.model_options
+    template = runtime_of(original.get("transformer_options", {}))
+    if template is None:
+        return executor(*args, **kwargs)
+    import comfy.model_patcher  # noqa: PLC0415 (host module, only present inside ComfyUI)
+
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original)
+    runtime = guider.model_options["transformer_options"][KEY] = template.fresh()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        runtime.finish_run()
+        guider.model_options = original
+
+
+def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
+    """Put ``runtime`` on a cloned model with the capture hook and (current ComfyUI) the per-run wrapper."""
+    patched.model_options.setdefault("transformer_options", {})[KEY] = runtime
+    if settings.importance == "cfg":
+        force = settings.cfg1_mode == "force_uncond"
+        patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
+        if force:
+            patched.model_options["disable_cfg1_optimization"] = True
+    if hasattr(patched, "add_wrapper_with_key"):
+        import comfy.patcher_extension  # noqa: PLC0415
+
+        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)

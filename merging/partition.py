@@ -49,6 +49,9 @@ class ImportanceConfig:
     pool_scale: float = 1.4
     dst_mode: DstMode = "random"
     chunk_size: int = 8192  # source rows per similarity chunk; 0 = no chunking. Same result either way.
+    # fraction of all tokens, the most important ones, that are never merged as sources (beyond the paper): they stay
+    # independent unless the ratio leaves no other sources to merge
+    protect: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def plan_sizes(num_tokens: int, config: PartitionConfig, grid: Optional[TokenGri
             raise ValueError(f"pool_scale must be >= 1, got {config.pool_scale!r}")
         if config.dst_mode not in DST_MODES:
             raise ValueError(f"dst_mode must be one of {DST_MODES}, got {config.dst_mode!r}")
+        if not 0.0 <= config.protect < 1.0:
+            raise ValueError(f"protect must be in [0, 1), got {config.protect!r}")
         k = max(1, int(num_tokens * config.dst_fraction))
         m = min(int((num_tokens - r) * config.pool_scale), num_tokens)
         if r == 0:
@@ -226,6 +231,7 @@ def importance_partition(
     if sizes.num_removed == 0:
         return _identity(sizes, num_samples, row_sample)
     k, m = sizes.num_dst, sizes.pool_size
+    protected = int(num_tokens * config.protect)
     order = torch.argsort(scores_map.to(device=device, dtype=torch.float32), dim=1, descending=True, stable=True)
     if config.dst_mode == "grid":
         if grid is None or grid.num_tokens != num_tokens:
@@ -236,7 +242,7 @@ def importance_partition(
             raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - dst.shape[1]} non-destination "
                              f"tokens of a {grid.height}x{grid.width} grid with 2x2 destination cells")
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m))
+        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected))
     if config.dst_mode == "random":
         picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
         pool_pos = picks.argsort(dim=1)[:, :k].to(device)
@@ -246,7 +252,7 @@ def importance_partition(
         pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
     dst = order.gather(1, pool_pos)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m))
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected))
 
 
 def random_grid_partition(
@@ -472,9 +478,12 @@ def _assemble(
     src_feats = feats.gather(1, src[:, :, None].expand(-1, -1, channels))
     dst_feats = feats.gather(1, dst[:, :, None].expand(-1, -1, channels))
     score, match = _best_match(src_feats, dst_feats, chunk_size)
-    if forced_rank is not None:
-        rank, pool_size = forced_rank
-        score = torch.where(rank.gather(1, src) >= pool_size, torch.full_like(score, math.inf), score)
+    if forced_rank is not None:  # importance: tokens outside the pool are forced, the most important protected
+        rank, pool_size, protected = forced_rank
+        src_rank = rank.gather(1, src)
+        score = torch.where(src_rank >= pool_size, torch.full_like(score, math.inf), score)
+        if protected:
+            score = torch.where(src_rank < protected, torch.full_like(score, -math.inf), score)
     by_score = torch.argsort(score, dim=1, descending=True, stable=True)
     merged_pos, indep_pos = by_score[:, :r], by_score[:, r:]
     merged = src.gather(1, merged_pos)

@@ -153,16 +153,23 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "frames then shares one spatial partition (their mean importance). Do not use it on a batch "
                            "of unrelated images. Needs scope = attention.",
             }),
+            "protect": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 0.9, "step": 0.05,
+                "tooltip": "Fraction of all tokens, the most important ones by the importance map, that are never "
+                           "merged away (they stay as themselves unless the ratio needs them). 0 = off. Beyond the "
+                           "paper; works with every dst_mode (with grid: plain ToMe matching, important tokens "
+                           "protected).",
+            }),
         }}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
-              partition_reuse="stage", temporal_ratio=0.0):
+              partition_reuse="stage", temporal_ratio=0.0, protect=0.0):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
                                  merge_cross_attn=merge_cross_attn, seed=merge_seed, tiles=tiles,
-                                 partition_reuse=partition_reuse, temporal_ratio=temporal_ratio)
+                                 partition_reuse=partition_reuse, temporal_ratio=temporal_ratio, protect=protect)
         return _patch(model, settings)
 
 

@@ -34,6 +34,7 @@ class MergeSettings:
     tiles: str = "1x1"
     partition_reuse: str = "stage"  # one partition per level and UNet stage (down / middle / up) per model call
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
+    protect: float = 0.0  # fraction of tokens, the most important, never merged away
 
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
@@ -55,6 +56,8 @@ class MergeSettings:
             )
         if not 0.0 < self.dst_fraction < 1.0:
             raise ValueError(f"dst_fraction must be in (0, 1), got {self.dst_fraction}")
+        if not 0.0 <= self.protect < 1.0:
+            raise ValueError(f"protect must be in [0, 1), got {self.protect}")
         if not self.pool_scale >= 1.0:
             raise ValueError(f"pool_scale must be >= 1, got {self.pool_scale}")
         for name, config in (("importance", self.importance_config()), ("random", self.random_config())):
@@ -65,7 +68,7 @@ class MergeSettings:
                 raise ValueError(f"ratio must be in [0, {limit:.3f}]{extra}, got {self.ratio}")
 
     def importance_config(self) -> ImportanceConfig:
-        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode)
+        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect)
 
     def random_config(self) -> RandomGridConfig:
         return RandomGridConfig(self.ratio)

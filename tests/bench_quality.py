@@ -11,6 +11,10 @@ noise (seed i) with ComfyUI's own sampler (comfy.sample.sample), cfg > 1, negati
 Methods: none; builtin = TomePatchModel(ratio); itm-random / itm-cfg = this pack's node (defaults, importance random or
 cfg). A method can carry advanced settings, e.g. ``itm-cfg:pool_scale=1.5;dst_fraction=0.25`` (the Advanced node).
 
+Call layout (--regime): joint (default, the headline) makes ComfyUI evaluate cond and uncond of a step in one
+model call, as it does whenever memory allows; split evaluates them in separate calls (its low-memory layout).
+Seeds: --seed-offset picks the noise seed range, so settings can be chosen on one range and reported on another.
+
 Metrics, per method and ratio:
 * fidelity to the unmerged image of the same seed: PSNR and SSIM (mean, 95% normal interval);
 * class accuracy: the project's Fashion-MNIST classifier (tests/quality/classifier.py) on the generated images vs
@@ -51,6 +55,21 @@ def boot_demo():
     demo = H.pack_module("nodes.demo_model")
     model, clip, _, metadata = demo.load_demo_model()
     return info, demo, model, clip.table, metadata
+
+
+def force_regime(regime: str) -> None:
+    """Make ComfyUI evaluate cond and uncond in one model call per step (joint) or in one call per cond chunk
+    (split), instead of deciding from this machine's free memory (auto)."""
+    if regime == "auto":
+        return
+    import comfy.model_management as mm
+
+    free = 1 << 50 if regime == "joint" else 1
+
+    def fixed_free_memory(dev=None, torch_free_too=False):
+        return (free, free) if torch_free_too else free
+
+    mm.get_free_memory = fixed_free_memory
 
 
 def parse_method(spec: str):
@@ -132,7 +151,14 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="normal")
-    parser.add_argument("--chunk", type=int, default=64, help="latents per sampler call")
+    parser.add_argument("--chunk", type=int, default=8, help="latents per sampler call")
+    parser.add_argument("--regime", choices=("joint", "split", "auto"), default="joint",
+                        help="joint: cond and uncond of a step in one model call (what users with enough memory get; "
+                             "the headline); split: one call per cond chunk (ComfyUI's low-memory layout); auto: "
+                             "whatever this machine's free memory gives")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="noise seeds are offset+i (choose settings on one range, report on another)")
+    parser.add_argument("--no-fd", action="store_true", help="skip the Fréchet distances (quick explorations)")
     parser.add_argument("--real", type=int, default=2000, help="real test images for the EfficientNet reference")
     parser.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet-Lite0 feature space")
     parser.add_argument("--picture-columns", type=int, default=20)
@@ -151,7 +177,8 @@ def main(argv=None) -> int:
     from quality import metrics
 
     classes = torch.arange(args.samples) % 10
-    seeds = torch.arange(args.samples)
+    seeds = torch.arange(args.samples) + args.seed_offset
+    force_regime(args.regime)
 
     classifier = load_classifier()
     real_x, real_y = real_images("test")
@@ -193,9 +220,9 @@ def main(argv=None) -> int:
             per_seed[tag] = (psnr, ssim, cls_feats, eff_feats)
         correct = (classifier.head(cls_feats).argmax(1) == classes).double()
         row["accuracy"], row["accuracy_ci"] = metrics.mean_ci(correct)
-        row["fd_cls"], row["fd_cls_lo"], row["fd_cls_hi"] = metrics.frechet_bootstrap(
-            cls_feats, real_cls, rounds=args.bootstrap)
-        if eff_feats is not None:
+        row["fd_cls"], row["fd_cls_lo"], row["fd_cls_hi"] = (math.nan,) * 3 if args.no_fd else \
+            metrics.frechet_bootstrap(cls_feats, real_cls, rounds=args.bootstrap)
+        if eff_feats is not None and not args.no_fd:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
                 eff_feats, real_eff, rounds=args.bootstrap)
         if name == "itm-cfg":
@@ -203,7 +230,8 @@ def main(argv=None) -> int:
                 base_tag = label(base, {}, ratio)
                 if base_tag in per_seed:
                     comparisons.append(compare(tag, base_tag, per_seed, real_cls,
-                                               real_eff if effnet is not None else None, args.bootstrap, metrics))
+                                               real_eff if effnet is not None else None, args.bootstrap, metrics,
+                                               with_fd=not args.no_fd))
         results.append(row)
         write_all(args, info, results, images, classes, demo, metadata, real_accuracy, effnet, ratios, argv,
                   comparisons)
@@ -215,12 +243,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def compare(tag, base_tag, per_seed, real_cls, real_eff, rounds, metrics):
+def compare(tag, base_tag, per_seed, real_cls, real_eff, rounds, metrics, with_fd=True):
     """Paired differences (tag − base_tag) over the same seeds."""
     (p1, s1, c1, e1), (p0, s0, c0, e0) = per_seed[tag], per_seed[base_tag]
     out = {"setting": tag, "baseline": base_tag}
     out["d_psnr"], out["d_psnr_ci"] = metrics.mean_ci(p1 - p0)
     out["d_ssim"], out["d_ssim_ci"] = metrics.mean_ci(s1 - s0)
+    if not with_fd:
+        out["d_fd_cls"] = out["d_fd_cls_lo"] = out["d_fd_cls_hi"] = math.nan
+        return out
     out["d_fd_cls"], out["d_fd_cls_lo"], out["d_fd_cls_hi"] = metrics.frechet_difference_bootstrap(
         c1, c0, real_cls, rounds=rounds)
     if real_eff is not None:
@@ -264,7 +295,10 @@ def write_markdown(path, results, args, host, command, metadata, real_accuracy, 
         "",
         f"`{command.strip()}`",
         "",
-        f"{args.samples} samples per setting (class i mod 10, noise seed i, the same for every method); "
+        f"{args.samples} samples per setting (class i mod 10, noise seed {args.seed_offset}+i, the same for every "
+        f"method), {args.chunk} latents per sampler call, call layout {args.regime} ("
+        + {"joint": "cond and uncond of a step in one model call", "split": "one model call per cond chunk",
+           "auto": "as this machine's free memory gave"}[args.regime] + "); "
         f"{args.sampler}/{args.scheduler}, {args.steps} steps, cfg {args.cfg}. Demo model: "
         f"{training.get('steps', '?')} training steps. Classifier accuracy on the real test images: "
         f"{real_accuracy:.3f}.",

@@ -366,3 +366,26 @@ def test_grid_destinations_spread_over_the_image_and_importance_decides_the_rest
     assert bool((merged[unimportant] | is_dst[unimportant]).all())
     with pytest.raises(ValueError, match="token grid"):
         importance_partition(metric, importance, config, generator=_gen(6))
+
+
+@pytest.mark.parametrize("dst_mode", ["grid", "random"])
+def test_protected_tokens_are_never_merged_while_others_can_be(dst_mode):
+    """protect = 0.2: the 20% most important tokens are not merged (kept as independent tokens or destinations);
+    with protect = 0 the same inputs merge some of them."""
+    grid = TokenGrid(8, 8)
+    torch.manual_seed(0)
+    metric = torch.randn(2, 64, 16)
+    importance = torch.rand(1, 64)
+    protected = torch.argsort(importance[0], descending=True)[:int(64 * 0.2)]
+    merged_counts = []
+    for protect in (0.0, 0.2):
+        config = ImportanceConfig(0.5, 0.25, 2.0, dst_mode, protect=protect)
+        part = importance_partition(metric, importance, config, generator=_gen(1), grid=grid)
+        assert part.sizes.num_removed == 32
+        merged_counts.append(int((part.roles[0, protected] == int(TokenRole.MERGED)).sum()))
+    assert merged_counts[0] > 0 and merged_counts[1] == 0, merged_counts
+
+
+def test_protect_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"protect must be in \[0, 1\)"):
+        plan_sizes(64, ImportanceConfig(0.5, protect=1.0))

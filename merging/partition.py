@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from .grids import TokenGrid
 from .importance import rows_for_samples
 
-DstMode = Literal["random", "top", "evenly", "grid"]
+DstMode = Literal["random", "top", "evenly", "grid", "grid_top"]
 MergeMode = Literal["mean", "prune"]
-DST_MODES = ("random", "top", "evenly", "grid")
+DST_MODES = ("random", "top", "evenly", "grid", "grid_top")
 MERGE_MODES = ("mean", "prune")
 
 
@@ -52,6 +52,12 @@ class ImportanceConfig:
     # fraction of all tokens, the most important ones, that are never merged as sources (beyond the paper): they stay
     # independent unless the ratio leaves no other sources to merge
     protect: float = 0.0
+    # > 0: merged slots are importance-weighted means, weight = (importance / its mean) ** weight_power, so a slot
+    # stays close to its most important token (beyond the paper); 0 = plain mean
+    weight_power: float = 0.0
+    # > 0: share of the matching similarity that comes from how alike two tokens' importance ranks are (beyond the
+    # paper): sources go to destinations of similar importance, not to an important token that only looks alike
+    affinity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ def plan_sizes(num_tokens: int, config: PartitionConfig, grid: Optional[TokenGri
             raise ValueError(f"dst_mode must be one of {DST_MODES}, got {config.dst_mode!r}")
         if not 0.0 <= config.protect < 1.0:
             raise ValueError(f"protect must be in [0, 1), got {config.protect!r}")
+        if not 0.0 <= config.affinity < 1.0:
+            raise ValueError(f"affinity must be in [0, 1), got {config.affinity!r}")
         k = max(1, int(num_tokens * config.dst_fraction))
         m = min(int((num_tokens - r) * config.pool_scale), num_tokens)
         if r == 0:
@@ -146,6 +154,8 @@ class Partition:
         slot_counts: [B, N - r, 1] float32, how many tokens each slot stands for (for mean merging).
         roles: [S, N] uint8 :class:`TokenRole` per sample (for visualisation).
         row_sample: [B] long, the sample of each batch row.
+        token_weights: optional [B, N, 1] float32 weights of a weighted mean merge (None: plain mean), and
+        slot_weights: [B, N - r, 1], their sums per slot.
     """
 
     sizes: MergeSizes
@@ -154,6 +164,8 @@ class Partition:
     slot_counts: Optional[torch.Tensor]
     roles: torch.Tensor
     row_sample: torch.Tensor
+    token_weights: Optional[torch.Tensor] = None
+    slot_weights: Optional[torch.Tensor] = None
 
     @property
     def is_identity(self) -> bool:
@@ -166,8 +178,10 @@ class Partition:
             raise ValueError(f"row index must be 1-D, got shape {tuple(index.shape)}")
         if self.is_identity:
             return Partition(self.sizes, None, None, None, self.roles, self.row_sample[index])
+        weighted = self.token_weights is not None
         return Partition(self.sizes, self.slot_of_token[index], self.kept_tokens[index], self.slot_counts[index],
-                         self.roles, self.row_sample[index])
+                         self.roles, self.row_sample[index], self.token_weights[index] if weighted else None,
+                         self.slot_weights[index] if weighted else None)
 
     def merge(self, x: torch.Tensor, mode: MergeMode = "mean") -> torch.Tensor:
         """[B, N, C] → [B, N - r, C]: ``mean`` averages each destination with its merged tokens, ``prune`` drops them."""
@@ -180,6 +194,10 @@ class Partition:
         if mode != "mean":
             raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
         index = self.slot_of_token[:, :, None].expand(batch, -1, channels)
+        if self.token_weights is not None:  # weighted mean: a slot leans towards its heavier tokens
+            summed = x.new_zeros(batch, self.sizes.num_kept, channels).scatter_add_(
+                1, index, x * self.token_weights.to(x.dtype))
+            return summed / self.slot_weights.to(x.dtype)
         summed = x.new_zeros(batch, self.sizes.num_kept, channels).scatter_add_(1, index, x)
         return summed / self.slot_counts.to(x.dtype)
 
@@ -232,17 +250,26 @@ def importance_partition(
         return _identity(sizes, num_samples, row_sample)
     k, m = sizes.num_dst, sizes.pool_size
     protected = int(num_tokens * config.protect)
-    order = torch.argsort(scores_map.to(device=device, dtype=torch.float32), dim=1, descending=True, stable=True)
-    if config.dst_mode == "grid":
+    scores_map = scores_map.to(device=device, dtype=torch.float32)
+    weights = None
+    if config.weight_power > 0:
+        relative = scores_map / scores_map.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        weights = relative.clamp_min(1e-3).pow(config.weight_power)
+    order = torch.argsort(scores_map, dim=1, descending=True, stable=True)
+    if config.dst_mode in ("grid", "grid_top"):
         if grid is None or grid.num_tokens != num_tokens:
-            raise ValueError(f"dst_mode='grid' needs the token grid of the {num_tokens} tokens, got {grid}")
-        dst = _grid_destinations(grid, 2, 2, generator, device).expand(num_samples, -1)
+            raise ValueError(f"dst_mode={config.dst_mode!r} needs the token grid of the {num_tokens} tokens, got {grid}")
+        if config.dst_mode == "grid":
+            dst = _grid_destinations(grid, 2, 2, generator, device).expand(num_samples, -1)
+        else:  # the most important token of each 2x2 cell
+            dst = _grid_destinations(grid, 2, 2, None, device, scores=scores_map)
         sizes = sizes._replace(num_dst=dst.shape[1])
         if dst.shape[1] < 1 or sizes.num_removed > num_tokens - dst.shape[1]:
             raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - dst.shape[1]} non-destination "
                              f"tokens of a {grid.height}x{grid.width} grid with 2x2 destination cells")
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected))
+        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected, config.affinity),
+                         weights=weights)
     if config.dst_mode == "random":
         picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
         pool_pos = picks.argsort(dim=1)[:, :k].to(device)
@@ -252,7 +279,8 @@ def importance_partition(
         pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
     dst = order.gather(1, pool_pos)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected))
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected, config.affinity),
+                     weights=weights)
 
 
 def random_grid_partition(
@@ -381,6 +409,11 @@ def tiled_partition(
     slot_of_token = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
     slot_of_token[:, order.reshape(-1)] = (sub.slot_of_token.reshape(batch, num_tiles, per_tile) + offsets).reshape(batch, -1)
     kept_tokens = order[tile_ids[None, :, None], sub.kept_tokens.reshape(batch, num_tiles, kept)].reshape(batch, -1)
+    token_weights = slot_weights = None
+    if sub.token_weights is not None:
+        token_weights = torch.empty(batch, num_tokens, 1, dtype=sub.token_weights.dtype, device=device)
+        token_weights[:, order.reshape(-1)] = sub.token_weights.reshape(batch, num_tiles * per_tile, 1)
+        slot_weights = sub.slot_weights.reshape(batch, num_tiles * kept, 1)
     return Partition(
         sizes=sizes,
         slot_of_token=slot_of_token,
@@ -388,21 +421,31 @@ def tiled_partition(
         slot_counts=sub.slot_counts.reshape(batch, num_tiles * kept, 1),
         roles=roles,
         row_sample=rows,
+        token_weights=token_weights,
+        slot_weights=slot_weights,
     )
 
 
 # --- internals -------------------------------------------------------------------------------------------------------
 
 
-def _grid_destinations(grid: TokenGrid, sx: int, sy: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
-    """[1, K] token indices: one random token in each full ``sy × sx`` cell of every frame."""
+def _grid_destinations(grid: TokenGrid, sx: int, sy: int, generator: Optional[torch.Generator], device,
+                       scores: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[1, K] token indices: one random token in each full ``sy × sx`` cell of every frame; with ``scores`` [S, N],
+    [S, K]: the highest-scoring token of each cell, per sample."""
     cells_h, cells_w = grid.height // sy, grid.width // sx
-    pick = torch.randint(sx * sy, (grid.frames, cells_h, cells_w), generator=_generator(generator),
-                         device=_gen_device(generator)).to(device)
+    if scores is None:
+        pick = torch.randint(sx * sy, (grid.frames, cells_h, cells_w), generator=_generator(generator),
+                             device=_gen_device(generator)).to(device)
+    else:
+        cells = scores.reshape(-1, grid.frames, grid.height, grid.width)[:, :, :cells_h * sy, :cells_w * sx]
+        cells = cells.reshape(-1, grid.frames, cells_h, sy, cells_w, sx).permute(0, 1, 2, 4, 3, 5)
+        pick = cells.reshape(-1, grid.frames, cells_h, cells_w, sy * sx).argmax(dim=-1)  # [S, F, ch, cw]
     frame = torch.arange(grid.frames, device=device)[:, None, None]
     row = torch.arange(cells_h, device=device)[None, :, None] * sy + pick // sx
     col = torch.arange(cells_w, device=device)[None, None, :] * sx + pick % sx
-    return ((frame * grid.height + row) * grid.width + col).reshape(1, -1)
+    index = (frame * grid.height + row) * grid.width + col
+    return index.reshape(1, -1) if scores is None else index.reshape(index.shape[0], -1)
 
 
 def _check_metric(metric: torch.Tensor) -> tuple:
@@ -466,6 +509,7 @@ def _assemble(
     row_sample: torch.Tensor,
     chunk_size: int,
     forced_rank: Optional[tuple],
+    weights: Optional[torch.Tensor] = None,
 ) -> Partition:
     """Match sources to destinations ``dst`` [S, K] and build the slot layout."""
     num_samples, k = dst.shape
@@ -474,12 +518,17 @@ def _assemble(
     is_dst = torch.zeros(num_samples, n, dtype=torch.bool, device=device).scatter_(1, dst, True)
     src = torch.argsort(is_dst.to(torch.uint8), dim=1, stable=True)[:, : n - k]  # non-destinations, ascending
     feats = _sample_features(metric, row_sample, num_samples)
+    if forced_rank is not None and forced_rank[3] > 0:  # importance affinity: two unit channels of the rank angle
+        rank, affinity = forced_rank[0], forced_rank[3]
+        angle = (1.0 - rank.to(feats.dtype) / max(n - 1, 1)) * (math.pi / 2)
+        feats = torch.cat([feats * math.sqrt(1.0 - affinity),
+                           math.sqrt(affinity) * torch.stack([angle.cos(), angle.sin()], dim=-1)], dim=-1)
     channels = feats.shape[-1]
     src_feats = feats.gather(1, src[:, :, None].expand(-1, -1, channels))
     dst_feats = feats.gather(1, dst[:, :, None].expand(-1, -1, channels))
     score, match = _best_match(src_feats, dst_feats, chunk_size)
     if forced_rank is not None:  # importance: tokens outside the pool are forced, the most important protected
-        rank, pool_size, protected = forced_rank
+        rank, pool_size, protected, _ = forced_rank
         src_rank = rank.gather(1, src)
         score = torch.where(src_rank >= pool_size, torch.full_like(score, math.inf), score)
         if protected:
@@ -496,6 +545,11 @@ def _assemble(
     counts = torch.zeros(num_samples, n - r, device=device).scatter_add_(
         1, slot_of_token, torch.ones(num_samples, n, device=device)
     )
+    token_weights = slot_weights = None
+    if weights is not None:  # [S, N] per-token weights of a weighted mean merge
+        token_weights = weights[row_sample][:, :, None]
+        slot_weights = torch.zeros(num_samples, n - r, device=device).scatter_add_(1, slot_of_token, weights)
+        slot_weights = slot_weights[row_sample][:, :, None]
     roles = torch.full((num_samples, n), int(TokenRole.INDEPENDENT), dtype=torch.uint8, device=device)
     roles.scatter_(1, dst, int(TokenRole.DESTINATION)).scatter_(1, merged, int(TokenRole.MERGED))
     return Partition(
@@ -505,4 +559,6 @@ def _assemble(
         slot_counts=counts[row_sample][:, :, None],
         roles=roles,
         row_sample=row_sample,
+        token_weights=token_weights,
+        slot_weights=slot_weights,
     )

@@ -97,16 +97,17 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "1 - dst_fraction / pool_scale.",
             }),
             "pool_scale": ("FLOAT", {
-                "default": 1.4, "min": 1.0, "max": 4.0, "step": 0.1,
+                "default": 1.2, "min": 1.0, "max": 4.0, "step": 0.1,
                 "tooltip": "Size of the pool of important tokens, as a multiple of the tokens that survive. 1.0 keeps "
                            "exactly the most important tokens; larger lets similar important tokens merge instead.",
             }),
             "dst_mode": (list(DST_MODES), {
-                "default": "top",
-                "tooltip": "Where merged tokens go. random / top / evenly: destinations drawn from the pool of important "
-                           "tokens (randomly, the most important, evenly through the ranking; the paper uses random). "
-                           "grid: one random destination per 2x2 cell over the whole image, so unimportant tokens "
-                           "merge into nearby similar ones; the importance map still decides which tokens are kept.",
+                "default": "grid",
+                "tooltip": "Where merged tokens go. grid (default): one random destination per 2x2 cell over the whole "
+                           "image, so tokens merge into nearby similar ones; the importance map decides which tokens "
+                           "are forced to merge and which stay. grid_top: the most important token of each cell. "
+                           "random / top / evenly: destinations drawn from the pool of important tokens (randomly, the "
+                           "most important, evenly through the ranking; the paper uses random).",
             }),
             "warmup_mode": (list(WARMUP_MODES), {
                 "default": "merge",
@@ -160,16 +161,30 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "paper; works with every dst_mode (with grid: plain ToMe matching, important tokens "
                            "protected).",
             }),
+            "weight_power": ("FLOAT", {
+                "default": 3.0, "min": 0.0, "max": 4.0, "step": 0.25,
+                "tooltip": "0 = merged tokens are plain averages. > 0: importance-weighted averages (weight = "
+                           "(importance / mean importance) ^ weight_power), so each merged slot stays close to its "
+                           "most important token. Beyond the paper.",
+            }),
+            "affinity": ("FLOAT", {
+                "default": 0.2, "min": 0.0, "max": 0.95, "step": 0.05,
+                "tooltip": "0 = tokens merge into the destination whose features are most alike (ToMe). > 0: that "
+                           "share of the similarity comes from how alike the two tokens' importance is, so background "
+                           "tokens merge into background and detail into detail. Beyond the paper.",
+            }),
         }}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
-              partition_reuse="stage", temporal_ratio=0.0, protect=0.0):
+              partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=3.0,
+              affinity=0.2):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
                                  merge_cross_attn=merge_cross_attn, seed=merge_seed, tiles=tiles,
-                                 partition_reuse=partition_reuse, temporal_ratio=temporal_ratio, protect=protect)
+                                 partition_reuse=partition_reuse, temporal_ratio=temporal_ratio, protect=protect,
+                                 weight_power=weight_power, affinity=affinity)
         return _patch(model, settings)
 
 

@@ -25,8 +25,8 @@ class MergeSettings:
     levels: str = "auto"
     scope: str = "attention"
     dst_fraction: float = 0.25
-    pool_scale: float = 1.4
-    dst_mode: str = "top"  # the quality benchmark's choice (the paper: random); see README "Quality benchmark"
+    pool_scale: float = 1.2  # the paper: 1.4
+    dst_mode: str = "grid"  # the quality benchmark's choice (the paper: random); see README "Quality benchmark"
     warmup_mode: str = "merge"  # likewise (the paper: prune)
     cfg1_mode: str = "random"
     merge_cross_attn: bool = False
@@ -35,6 +35,8 @@ class MergeSettings:
     partition_reuse: str = "stage"  # one partition per level and UNet stage (down / middle / up) per model call
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
     protect: float = 0.0  # fraction of tokens, the most important, never merged away
+    weight_power: float = 3.0  # > 0: importance-weighted mean merging (the paper: 0, plain mean)
+    affinity: float = 0.2  # > 0: matching also prefers destinations of similar importance (the paper: 0)
 
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
@@ -68,7 +70,8 @@ class MergeSettings:
                 raise ValueError(f"ratio must be in [0, {limit:.3f}]{extra}, got {self.ratio}")
 
     def importance_config(self) -> ImportanceConfig:
-        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect)
+        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect,
+                                weight_power=self.weight_power, affinity=self.affinity)
 
     def random_config(self) -> RandomGridConfig:
         return RandomGridConfig(self.ratio)

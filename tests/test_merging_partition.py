@@ -389,3 +389,65 @@ def test_protected_tokens_are_never_merged_while_others_can_be(dst_mode):
 def test_protect_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match=r"protect must be in \[0, 1\)"):
         plan_sizes(64, ImportanceConfig(0.5, protect=1.0))
+
+
+def test_importance_weighted_merge_leans_towards_the_important_token():
+    """weight_power > 0: a slot is the importance-weighted mean of its tokens; uniform weights = the plain mean;
+    tiled partitions carry the weights to the right tokens."""
+    grid = TokenGrid(4, 4)
+    torch.manual_seed(1)
+    x = torch.randn(1, 16, 8)
+    importance = torch.rand(1, 16) + 0.1
+    plain = importance_partition(x, importance, ImportanceConfig(0.5, 0.25, 2.0, "grid"), generator=_gen(0), grid=grid)
+    weighted = importance_partition(x, importance, ImportanceConfig(0.5, 0.25, 2.0, "grid", weight_power=1.0),
+                                    generator=_gen(0), grid=grid)
+    assert torch.equal(plain.slot_of_token, weighted.slot_of_token)
+    slots = weighted.slot_of_token[0]
+    w = importance[0] / importance[0].mean()
+    expected = torch.stack([(x[0, slots == s] * w[slots == s, None]).sum(0) / w[slots == s].sum()
+                            for s in range(weighted.sizes.num_kept)])
+    assert torch.allclose(weighted.merge(x)[0], expected, atol=1e-5)
+    assert not torch.allclose(plain.merge(x), weighted.merge(x))
+    flat = importance_partition(x, torch.ones(1, 16), ImportanceConfig(0.5, 0.25, 2.0, "grid", weight_power=2.0),
+                                generator=_gen(0), grid=grid)
+    assert torch.allclose(flat.merge(x), importance_partition(x, torch.ones(1, 16), ImportanceConfig(
+        0.5, 0.25, 2.0, "grid"), generator=_gen(0), grid=grid).merge(x), atol=1e-6)
+    tiled = tiled_partition(x, ImportanceConfig(0.5, 0.25, 2.0, "top", weight_power=1.0), grid, (2, 2),
+                            importance=importance, generator=_gen(0))
+    order = tile_token_order(grid, 2, 2)
+    for tile in range(4):
+        tokens = order[tile]
+        sub = importance_partition(x[:, tokens], importance[:, tokens], ImportanceConfig(0.5, 0.25, 2.0, "top",
+                                   weight_power=1.0), generator=_gen(0), grid=TokenGrid(2, 2))
+        assert torch.allclose(tiled.token_weights[0, tokens], sub.token_weights[0], atol=1e-6)
+        assert torch.allclose(tiled.merge(x)[0, tile * 2:(tile + 1) * 2], sub.merge(x[:, tokens])[0], atol=1e-5)
+
+
+def test_grid_top_takes_the_most_important_token_of_each_cell():
+    grid = TokenGrid(6, 4)
+    metric = torch.randn(2, 24, 8, generator=_gen(1))
+    importance = torch.rand(2, 24, generator=_gen(2))
+    part = importance_partition(metric, importance, ImportanceConfig(0.5, dst_mode="grid_top"), grid=grid)
+    for sample in range(2):
+        cells = importance[sample].reshape(3, 2, 2, 2).permute(0, 2, 1, 3).reshape(6, 4)
+        index = torch.arange(24).reshape(3, 2, 2, 2).permute(0, 2, 1, 3).reshape(6, 4)
+        expected = index[torch.arange(6), cells.argmax(1)]
+        dst = torch.nonzero(part.roles[sample] == TokenRole.DESTINATION).flatten()
+        assert torch.equal(dst.sort().values, expected.sort().values)
+
+
+def test_affinity_sends_sources_to_destinations_of_similar_importance():
+    """With identical features everywhere, affinity alone picks the destination: the one closest in importance rank."""
+    grid = TokenGrid(4, 4)
+    metric = torch.ones(1, 16, 4)
+    importance = torch.arange(16, dtype=torch.float32)[None]
+    part = importance_partition(metric, importance, ImportanceConfig(0.5, 0.25, 2.0, "grid_top", affinity=0.5),
+                                grid=grid)
+    rank = importance[0].argsort(descending=True).argsort()
+    slots = part.slot_of_token[0]
+    dst_of_slot = {int(slots[t]): t for t in torch.nonzero(part.roles[0] == TokenRole.DESTINATION).flatten().tolist()}
+    dsts = torch.tensor(list(dst_of_slot.values()))
+    for token in torch.nonzero(part.roles[0] == TokenRole.MERGED).flatten().tolist():
+        chosen = dst_of_slot[int(slots[token])]
+        best = (rank[dsts] - rank[token]).abs().min()
+        assert (rank[chosen] - rank[token]).abs() == best

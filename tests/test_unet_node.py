@@ -81,10 +81,11 @@ def test_random_importance_is_plain_tome(comfy):
 
 
 def test_importance_map_steers_which_tokens_are_kept(comfy):
-    """With pool_scale 1 the kept tokens are exactly the most important ones of the previous step's map."""
+    """With pool_scale 1 and destinations from the pool the kept tokens are exactly the most important ones of the
+    previous step's map."""
     mod = H.pack_module("nodes.unet")
     model, pos, neg = H.tiny_sd15_model()
-    settings = H.pack_module("nodes.settings").MergeSettings(ratio=0.5, pool_scale=1.0)
+    settings = H.pack_module("nodes.settings").MergeSettings(ratio=0.5, pool_scale=1.0, dst_mode="top")
     patched = mod.apply(model, settings)
     runtime = patched.model_options["transformer_options"][mod.KEY]
     imap = torch.zeros(1, 16, 16)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The quality protocol behind the README's figures (issue: importance merging vs plain ToMe where users run it).
+# Settings are chosen on noise seeds 0..119 (--seed-offset 0) and reported here on held-out seeds 10000+.
+# Headline: cond and uncond of a step in ONE model call (--regime joint, what users with enough memory get);
+# the split layout (separate calls, ComfyUI's low-memory path) is reported beside it.
+#   bash tests/quality_protocol.sh [samples]        (about 75 minutes on 2 CPU cores at 200 samples)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}
+n=${1:-200}
+out=$repo/tests/results/quality
+old="itm-cfg:dst_mode=top;pool_scale=1.4;weight_power=0.0;affinity=0.0"             # the 0.3.0 defaults
+paper="itm-cfg:dst_mode=random;warmup_mode=prune;pool_scale=1.4;weight_power=0.0;affinity=0.0"  # the paper's code
+common=(--samples "$n" --seed-offset 10000 --chunk 20)
+cd "$repo"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
+  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old,$paper" --out "$out/euler_cfg4_joint"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 3 \
+  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old" --no-effnet --out "$out/dpmpp2m_cfg3_joint"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 2 \
+  --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/dpmpp2m_cfg2_joint"
+"$py" tests/bench_quality.py "${common[@]}" --regime split --sampler euler --scheduler normal --steps 20 --cfg 4 \
+  --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/euler_cfg4_split"

@@ -235,6 +235,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
     parser.add_argument("--steps", type=int, default=STEPS, help="sampler steps per run; the first is not timed")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU ComfyUI picks (default: CPU)")
+    parser.add_argument("--attention", choices=("default", "sdpa"), default="default",
+                        help="default: the backend ComfyUI picks (CPU: sub-quadratic); sdpa: PyTorch SDPA "
+                             "(--use-pytorch-cross-attention), the kernels GPUs run")
     parser.add_argument("--temporal-ratio", type=float, default=TEMPORAL_RATIO,
                         help="temporal_ratio of the itm-cfg-temporal method (video models: frames share queries)")
     args = parser.parse_args(argv)
@@ -245,7 +248,8 @@ def main(argv=None):
     ratios = [float(r) for r in args.ratios.split(",")]
 
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
-    info = H.boot_with_pack(root, REPO, cpu=not args.gpu)
+    extra = ("--use-pytorch-cross-attention",) if args.attention == "sdpa" else ()
+    info = H.boot_with_pack(root, REPO, cpu=not args.gpu, extra_args=extra)
     import torch
 
     device = torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else "cpu"
@@ -310,7 +314,7 @@ def main(argv=None):
 
 def write_outputs(rows, out, host, device, backend, args):
     os.makedirs(out, exist_ok=True)
-    tag = f"{host.split(' ')[0]}_{'gpu' if args.gpu else 'cpu'}"
+    tag = f"{host.split(' ')[0]}_{'gpu' if args.gpu else 'cpu'}" + ("_sdpa" if args.attention == "sdpa" else "")
     columns = list(rows[0])
     with open(os.path.join(out, f"speed_{tag}.csv"), "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns)

@@ -9,6 +9,11 @@ Two partitioners share one result type, :class:`Partition`:
 * :func:`random_grid_partition`, ToMe's baseline: one random destination per ``stride_y × stride_x`` cell, the ``r``
   sources most similar to a destination are merged.
 
+Beyond the paper, :class:`ImportanceConfig` can also spread the destinations over the image (``dst_mode="grid"`` /
+``"grid_top"``) while the map still decides which tokens are forced, weight the mean of a merged slot by importance
+(``weight_power``), add importance affinity to the matching (``affinity``) and protect the most important tokens
+(``protect``).
+
 A partition is computed once per sample (all rows of a sample, such as its cond and uncond rows, share it) and then
 applied to any number of tensors with :meth:`Partition.merge` and :meth:`Partition.unmerge`, which are a single
 scatter / gather each. Merged sequences are ordered ``[independent tokens; destinations]``.
@@ -249,7 +254,6 @@ def importance_partition(
     if sizes.num_removed == 0:
         return _identity(sizes, num_samples, row_sample)
     k, m = sizes.num_dst, sizes.pool_size
-    protected = int(num_tokens * config.protect)
     scores_map = scores_map.to(device=device, dtype=torch.float32)
     weights = None
     if config.weight_power > 0:
@@ -267,20 +271,18 @@ def importance_partition(
         if dst.shape[1] < 1 or sizes.num_removed > num_tokens - dst.shape[1]:
             raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - dst.shape[1]} non-destination "
                              f"tokens of a {grid.height}x{grid.width} grid with 2x2 destination cells")
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-        return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected, config.affinity),
-                         weights=weights)
-    if config.dst_mode == "random":
-        picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
-        pool_pos = picks.argsort(dim=1)[:, :k].to(device)
-    elif config.dst_mode == "top":
-        pool_pos = torch.arange(k, device=device).expand(num_samples, k)
-    else:  # evenly spaced through the importance-ranked pool
-        pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
-    dst = order.gather(1, pool_pos)
+    else:
+        if config.dst_mode == "random":
+            picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
+            pool_pos = picks.argsort(dim=1)[:, :k].to(device)
+        elif config.dst_mode == "top":
+            pool_pos = torch.arange(k, device=device).expand(num_samples, k)
+        else:  # evenly spaced through the importance-ranked pool
+            pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
+        dst = order.gather(1, pool_pos)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
-    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=(rank, m, protected, config.affinity),
-                     weights=weights)
+    terms = _ImportanceTerms(rank, m, int(num_tokens * config.protect), config.affinity, weights)
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, terms)
 
 
 def random_grid_partition(
@@ -305,7 +307,7 @@ def random_grid_partition(
     if sizes.num_removed == 0:
         return _identity(sizes, num_samples, row_sample)
     dst = _grid_destinations(grid, config.stride_x, config.stride_y, generator, metric.device).expand(num_samples, -1)
-    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, forced_rank=None)
+    return _assemble(metric, dst, sizes, row_sample, config.chunk_size, None)
 
 
 def make_partition(
@@ -502,14 +504,23 @@ def _best_match(src: torch.Tensor, dst: torch.Tensor, chunk_size: int) -> tuple:
     return torch.cat(scores, 1).float(), torch.cat(index, 1)
 
 
+class _ImportanceTerms(NamedTuple):
+    """What the importance map adds to a matching (all per sample)."""
+
+    rank: torch.Tensor  # [S, N] importance rank of each token (0 = most important)
+    pool_size: int  # tokens ranked at or beyond it are forced to merge
+    protected: int  # tokens ranked below it are never merged (unless the ratio needs them)
+    affinity: float  # share of the similarity that comes from alike ranks
+    weights: Optional[torch.Tensor]  # [S, N] weights of a weighted mean merge, or None
+
+
 def _assemble(
     metric: torch.Tensor,
     dst: torch.Tensor,
     sizes: MergeSizes,
     row_sample: torch.Tensor,
     chunk_size: int,
-    forced_rank: Optional[tuple],
-    weights: Optional[torch.Tensor] = None,
+    terms: Optional[_ImportanceTerms],
 ) -> Partition:
     """Match sources to destinations ``dst`` [S, K] and build the slot layout."""
     num_samples, k = dst.shape
@@ -518,21 +529,19 @@ def _assemble(
     is_dst = torch.zeros(num_samples, n, dtype=torch.bool, device=device).scatter_(1, dst, True)
     src = torch.argsort(is_dst.to(torch.uint8), dim=1, stable=True)[:, : n - k]  # non-destinations, ascending
     feats = _sample_features(metric, row_sample, num_samples)
-    if forced_rank is not None and forced_rank[3] > 0:  # importance affinity: two unit channels of the rank angle
-        rank, affinity = forced_rank[0], forced_rank[3]
-        angle = (1.0 - rank.to(feats.dtype) / max(n - 1, 1)) * (math.pi / 2)
-        feats = torch.cat([feats * math.sqrt(1.0 - affinity),
-                           math.sqrt(affinity) * torch.stack([angle.cos(), angle.sin()], dim=-1)], dim=-1)
+    if terms is not None and terms.affinity > 0:  # importance affinity: two unit channels of the rank angle
+        angle = (1.0 - terms.rank.to(feats.dtype) / max(n - 1, 1)) * (math.pi / 2)
+        feats = torch.cat([feats * math.sqrt(1.0 - terms.affinity),
+                           math.sqrt(terms.affinity) * torch.stack([angle.cos(), angle.sin()], dim=-1)], dim=-1)
     channels = feats.shape[-1]
     src_feats = feats.gather(1, src[:, :, None].expand(-1, -1, channels))
     dst_feats = feats.gather(1, dst[:, :, None].expand(-1, -1, channels))
     score, match = _best_match(src_feats, dst_feats, chunk_size)
-    if forced_rank is not None:  # importance: tokens outside the pool are forced, the most important protected
-        rank, pool_size, protected, _ = forced_rank
-        src_rank = rank.gather(1, src)
-        score = torch.where(src_rank >= pool_size, torch.full_like(score, math.inf), score)
-        if protected:
-            score = torch.where(src_rank < protected, torch.full_like(score, -math.inf), score)
+    if terms is not None:  # importance: tokens outside the pool are forced, the most important protected
+        src_rank = terms.rank.gather(1, src)
+        score = torch.where(src_rank >= terms.pool_size, torch.full_like(score, math.inf), score)
+        if terms.protected:
+            score = torch.where(src_rank < terms.protected, torch.full_like(score, -math.inf), score)
     by_score = torch.argsort(score, dim=1, descending=True, stable=True)
     merged_pos, indep_pos = by_score[:, :r], by_score[:, r:]
     merged = src.gather(1, merged_pos)
@@ -546,9 +555,9 @@ def _assemble(
         1, slot_of_token, torch.ones(num_samples, n, device=device)
     )
     token_weights = slot_weights = None
-    if weights is not None:  # [S, N] per-token weights of a weighted mean merge
-        token_weights = weights[row_sample][:, :, None]
-        slot_weights = torch.zeros(num_samples, n - r, device=device).scatter_add_(1, slot_of_token, weights)
+    if terms is not None and terms.weights is not None:  # [S, N] per-token weights of a weighted mean merge
+        token_weights = terms.weights[row_sample][:, :, None]
+        slot_weights = torch.zeros(num_samples, n - r, device=device).scatter_add_(1, slot_of_token, terms.weights)
         slot_weights = slot_weights[row_sample][:, :, None]
     roles = torch.full((num_samples, n), int(TokenRole.INDEPENDENT), dtype=torch.uint8, device=device)
     roles.scatter_(1, dst, int(TokenRole.DESTINATION)).scatter_(1, merged, int(TokenRole.MERGED))

@@ -239,7 +239,9 @@ def merged_stack_class():
             if plan is not None:
                 runtime.run.summary.merged_calls += 1
                 full, x = x, plan.partition.merge(x, plan.mode)
-                merged_in = x
+                # a copy: the 2024 host's blocks add their updates in place (``x += n``), which would also change
+                # the merged input and cancel every update in ``x - merged_in`` below
+                merged_in = x.clone()
             if plan is not None:
                 transformer_options[STACK_FLAG] = True
             try:

@@ -78,6 +78,9 @@ def parse_method(spec: str):
     options = {}
     for item in filter(None, rest.split(";")):
         key, _, value = item.partition("=")
+        if key == "levels":  # a choice, even when it reads as a number ("0", "1")
+            options[key] = value
+            continue
         try:
             options[key] = float(value) if "." in value else int(value)
         except ValueError:

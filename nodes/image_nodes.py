@@ -47,8 +47,8 @@ _COMMON = {
         "default": "attention",
         "tooltip": "attention: only self-attention runs on merged tokens (most faithful). transformer: whole "
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
-                   "token keeping its own input: faster (SD1.5 768²: about 1.1x over attention), but much less "
-                   "faithful (on the demo model 16-19 dB further from the unmerged image at ratio 0.3-0.5); other "
+                   "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
+                   "less faithful (on the demo model 16-18 dB further from the unmerged image at ratio 0.3-0.5); other "
                    "patches inside those blocks then see the merged token count.",
     }),
 }

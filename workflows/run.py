@@ -237,8 +237,8 @@ def speed_check(args) -> None:
     for name, values in times.items():
         median = statistics.median(values)
         log.info("  %-32s %6.2f s per step  %.2fx vs no merging", name, median, base / median)
-    log.info("(the demo grid's timing above is on the tiny demo model, where merging saves nothing; speed-ups on a "
-             "GPU with SDPA are smaller than on this CPU: see README \"Speed\")")
+    log.info("(the demo grid's timing above is on the tiny demo model, where merging saves little; on a GPU the "
+             "speed-up depends on attention's share of a step there: see README \"Speed benchmark\")")
 
 
 def main(argv=None) -> int:

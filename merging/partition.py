@@ -271,11 +271,16 @@ def importance_partition(
         if dst.shape[1] < 1 or sizes.num_removed > num_tokens - dst.shape[1]:
             raise ValueError(f"ratio={config.ratio} removes more than the {num_tokens - dst.shape[1]} non-destination "
                              f"tokens of a {grid.height}x{grid.width} grid with 2x2 destination cells")
+    elif config.dst_mode == "random":
+        # k random members of the pool: every token position draws a key and the pool's k lowest keys win. Keys
+        # belong to positions, not to ranks, so a tiny change of the map (float noise between call layouts) that
+        # reorders tokens inside the pool changes nothing, and one crossing the pool's edge changes one destination
+        keys = torch.rand(num_samples, num_tokens, generator=_generator(generator), device=_gen_device(generator))
+        keys = keys.to(device)
+        in_pool = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order[:, :m], True)
+        dst = keys.masked_fill(~in_pool, 2.0).argsort(dim=1)[:, :k]
     else:
-        if config.dst_mode == "random":
-            picks = torch.rand(num_samples, m, generator=_generator(generator), device=_gen_device(generator))
-            pool_pos = picks.argsort(dim=1)[:, :k].to(device)
-        elif config.dst_mode == "top":
+        if config.dst_mode == "top":
             pool_pos = torch.arange(k, device=device).expand(num_samples, k)
         else:  # evenly spaced through the importance-ranked pool
             pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)

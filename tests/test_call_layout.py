@@ -94,6 +94,26 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge, ad
     assert _relative(split, joint) < 1e-4 * max(1.0, merge_effect * 100), (_relative(split, joint), merge_effect)
 
 
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_joint_and_split_calls_agree_with_random_destinations_at_high_cfg(comfy, monkeypatch, scope):
+    """The paper's random destinations from the important pool, heun (two evaluations per step), cfg 7: the map
+    differs between layouts by float noise only, which must not move the destinations. Regression: destinations were
+    random *ranks* of the pool, so float noise that reordered the pool moved many of them and the two layouts
+    differed by 1.6e-3 (transformer scope) / 5e-5 (attention)."""
+    merge = dict(ADVANCED, scope=scope, dst_mode="random", warmup_mode="prune")
+    layout = dict(batch=2, steps=3, sampler_name="heun", cfg=7.0, scheduler="karras")
+    graph = sample_graph(merge=merge, advanced=True, **layout)
+    H.run_prompt(graph.prompt)
+    joint = latent("out").clone()
+    H.run_prompt(sample_graph(merge=None, **layout).prompt)
+    merge_effect = _relative(joint, latent("out"))
+    _force_split(monkeypatch)
+    H.run_prompt(graph.prompt)
+    assert {tuple(r["cond_or_uncond"]) for r in records("probe")} == {(0,), (1,)}
+    assert merge_effect > 1e-3, merge_effect
+    assert _relative(latent("out"), joint) < 2e-5, (_relative(latent("out"), joint), merge_effect)
+
+
 @pytest.mark.parametrize("per_batch", [4, 3])
 def test_tiled_unet_wrapper_merges_each_batch_with_its_own_partition(comfy, monkeypatch, per_batch):
     """A model_function_wrapper runs 6 tiles of 16x16 in UNet passes of ``per_batch`` tiles (4 + 2: passes of another

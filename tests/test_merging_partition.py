@@ -451,3 +451,23 @@ def test_affinity_sends_sources_to_destinations_of_similar_importance():
         chosen = dst_of_slot[int(slots[token])]
         best = (rank[dsts] - rank[token]).abs().min()
         assert (rank[chosen] - rank[token]).abs() == best
+
+
+def test_random_destinations_do_not_move_when_the_pool_reorders():
+    """dst_mode = random draws k members of the important pool. A change of the map that only reorders tokens inside
+    the pool (float noise between ComfyUI's call layouts does that) must leave the partition unchanged; a token
+    crossing the pool's edge may change at most its own role."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, 16)
+    importance = torch.rand(1, 256)
+    config = ImportanceConfig(0.5, dst_fraction=0.25, pool_scale=1.4, dst_mode="random")
+    base = importance_partition(x, importance, config, generator=_gen(3))
+    order = importance[0].argsort(descending=True)
+    pool = plan_sizes(256, config).pool_size
+    inside = importance.clone()
+    inside[0, order[0]], inside[0, order[pool - 1]] = importance[0, order[pool - 1]], importance[0, order[0]]
+    reordered = importance_partition(x, inside, config, generator=_gen(3))
+    assert torch.equal(base.slot_of_token, reordered.slot_of_token)
+    # the same draw, a different pool: the destinations differ, so the test above is not vacuous
+    other = importance_partition(x, 1 - importance, config, generator=_gen(3))
+    assert not torch.equal(base.slot_of_token, other.slot_of_token)

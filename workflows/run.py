@@ -8,7 +8,9 @@ ComfyUI) is converted to the API format and executed by ComfyUI's own PromptExec
 first root in COMFYUI_PATH), once per class and method: no merging (the merging node bypassed), random ToMe
 (importance = random) and importance merging (importance = cfg) at the same ratio and seed. It writes
 <out>/demo_grid.png, a labelled grid (a column per class, rows per method, plus the importance map that cfg
-importance merging used halfway through sampling), the single images, and a timing line per method.
+importance merging used halfway through sampling), the single images, and a timing line per method. Then, since
+the demo model is too small for merging to save time, it times one sampling step of a full-size SD1.5 UNet (random
+weights, ``--speed-size``, 512² by default, 0 skips it) with no merging, the built-in TomePatchModel and this pack.
 
 Any other workflow (e.g. workflows/sd15_txt2img.json) runs as saved, with and without merging; its checkpoint must
 be installed in that ComfyUI's models/checkpoints.
@@ -229,11 +231,13 @@ def speed_check(args) -> None:
                 steps, _ = bench_speed.sample_steps(patched, positive, negative, latent)
                 times[name] += steps
     import comfy.ldm.modules.attention as attention_module
+    import comfy.model_management
 
     base = statistics.median(times["no merging"])
-    log.info("speed on a full-size SD1.5 UNet (random weights, %d², cond+uncond batch, attention %s, CPU): one "
+    log.info("speed on a full-size SD1.5 UNet (random weights, %d², cond+uncond batch, attention %s, device %s): one "
              "sampling step, median of 2 interleaved runs (%.0f s in all):", args.speed_size,
-             getattr(attention_module.optimized_attention, "__name__", "?"), time.perf_counter() - start)
+             getattr(attention_module.optimized_attention, "__name__", "?"),
+             comfy.model_management.get_torch_device(), time.perf_counter() - start)
     for name, values in times.items():
         median = statistics.median(values)
         log.info("  %-32s %6.2f s per step  %.2fx vs no merging", name, median, base / median)

@@ -21,3 +21,10 @@ cd "$repo"
   --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/dpmpp2m_cfg2_joint"
 "$py" tests/bench_quality.py "${common[@]}" --regime split --sampler euler --scheduler normal --steps 20 --cfg 4 \
   --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/euler_cfg4_split"
+# bigger merging sites (faster, see the speed benchmark): whole transformer stacks, and one level more
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
+  --ratios 0.3,0.5,0.7 --methods "none,itm-random:scope=transformer,itm-cfg:scope=transformer" --no-effnet \
+  --out "$out/euler_cfg4_joint_transformer"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
+  --ratios 0.3,0.5 --methods "none,itm-random:levels=auto+1,itm-cfg:levels=auto+1" --no-effnet \
+  --out "$out/euler_cfg4_joint_levels"

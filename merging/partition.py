@@ -260,6 +260,7 @@ def importance_partition(
         relative = scores_map / scores_map.mean(dim=1, keepdim=True).clamp_min(1e-12)
         weights = relative.clamp_min(1e-3).pow(config.weight_power)
     order = torch.argsort(scores_map, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
     if config.dst_mode in ("grid", "grid_top"):
         if grid is None or grid.num_tokens != num_tokens:
             raise ValueError(f"dst_mode={config.dst_mode!r} needs the token grid of the {num_tokens} tokens, got {grid}")
@@ -276,16 +277,11 @@ def importance_partition(
         # belong to positions, not to ranks, so a tiny change of the map (float noise between call layouts) that
         # reorders tokens inside the pool changes nothing, and one crossing the pool's edge changes one destination
         keys = torch.rand(num_samples, num_tokens, generator=_generator(generator), device=_gen_device(generator))
-        keys = keys.to(device)
-        in_pool = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, order[:, :m], True)
-        dst = keys.masked_fill(~in_pool, 2.0).argsort(dim=1)[:, :k]
-    else:
-        if config.dst_mode == "top":
-            pool_pos = torch.arange(k, device=device).expand(num_samples, k)
-        else:  # evenly spaced through the importance-ranked pool
-            pool_pos = (torch.arange(k, device=device) * m // k).expand(num_samples, k)
-        dst = order.gather(1, pool_pos)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_tokens, device=device).expand(num_samples, -1))
+        dst = keys.to(device).masked_fill(rank >= m, 2.0).argsort(dim=1)[:, :k]
+    elif config.dst_mode == "top":
+        dst = order[:, :k]
+    else:  # "evenly": evenly spaced through the importance-ranked pool (plan_sizes checked the mode)
+        dst = order[:, torch.arange(k, device=device) * m // k]
     terms = _ImportanceTerms(rank, m, int(num_tokens * config.protect), config.affinity, weights)
     return _assemble(metric, dst, sizes, row_sample, config.chunk_size, terms)
 

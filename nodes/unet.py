@@ -242,7 +242,6 @@ def merged_stack_class():
                 # a copy: the 2024 host's blocks add their updates in place (``x += n``), which would also change
                 # the merged input and cancel every update in ``x - merged_in`` below
                 merged_in = x.clone()
-            if plan is not None:
                 transformer_options[STACK_FLAG] = True
             try:
                 for index, block in enumerate(self.transformer_blocks):

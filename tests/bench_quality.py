@@ -73,19 +73,10 @@ def force_regime(regime: str) -> None:
 
 
 def parse_method(spec: str):
-    """'itm-cfg:pool_scale=1.5;dst_fraction=0.25' → ('itm-cfg', {'pool_scale': 1.5, 'dst_fraction': 0.25})."""
+    """'itm-cfg:pool_scale=1.5;levels=0' → ('itm-cfg', {'pool_scale': '1.5', 'levels': '0'}); the values are turned
+    into the types the node declares when the node is applied (:func:`advanced_node`)."""
     name, _, rest = spec.partition(":")
-    options = {}
-    for item in filter(None, rest.split(";")):
-        key, _, value = item.partition("=")
-        if key == "levels":  # a choice, even when it reads as a number ("0", "1")
-            options[key] = value
-            continue
-        try:
-            options[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            options[key] = value
-    return name, options
+    return name, dict(item.partition("=")[::2] for item in filter(None, rest.split(";")))
 
 
 def patched_model(model, name: str, options: dict, ratio: float):
@@ -115,8 +106,24 @@ def advanced_node(model, **settings):
     spec = {**cls.INPUT_TYPES()["required"], **cls.INPUT_TYPES().get("optional", {})}
     kwargs = {key: value[1].get("default", None if isinstance(value[0], str) else value[0][0])
               for key, value in spec.items() if key != "model"}
-    kwargs.update(settings)
+    for key, value in settings.items():
+        if key not in kwargs:
+            raise ValueError(f"the Advanced node has no input {key!r}")
+        kwargs[key] = _as_input(spec[key][0], value)
     return cls().patch(model, **kwargs)[0]
+
+
+def _as_input(kind, value):
+    """A method option given as text ('1.5', 'true', '0') in the type the node declares for that input."""
+    if not isinstance(value, str) or not isinstance(kind, str):  # a choice list keeps the text ("0" is a level)
+        return value
+    if kind == "FLOAT":
+        return float(value)
+    if kind == "INT":
+        return int(value)
+    if kind == "BOOLEAN":
+        return value.lower() in ("1", "true", "yes")
+    return value
 
 
 def label(name: str, options: dict, ratio: float) -> str:

@@ -213,7 +213,6 @@ def speed_check(args) -> None:
     import bench_speed  # tests/bench_speed.py: the benchmark's own sampler loop and node helpers
     import nodes
 
-    bench_speed.STEPS = 2
     start = time.perf_counter()
     model, positive, negative = comfy_harness.full_sd15_model()
     latent = torch.zeros(1, 4, args.speed_size // 8, args.speed_size // 8)
@@ -228,7 +227,7 @@ def speed_check(args) -> None:
     with torch.inference_mode():
         for order in (methods, methods[::-1]):
             for name, patched in order:
-                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent)
+                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent, steps=2)
                 times[name] += steps
     import comfy.ldm.modules.attention as attention_module
     import comfy.model_management

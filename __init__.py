@@ -7,6 +7,6 @@ except ImportError:
 else:
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-WEB_DIRECTORY = None  # no frontend extension yet: web/ ships JavaScript only for real UI
+WEB_DIRECTORY = "./web"  # the live preview on the merging node (web/importance_tome.js)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

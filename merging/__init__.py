@@ -4,6 +4,7 @@
 - :mod:`merging.grids`: token grids of UNet levels, DiT patches and videos; pooling a map onto them.
 - :mod:`merging.partition`: importance-based and random-grid partitions, merge and unmerge.
 - :mod:`merging.temporal`: neighbouring video frames sharing the queries of tokens that barely change.
+- :mod:`merging.preview`: pictures of the importance map and of a partition's kept / destination / merged tokens.
 """
 from .grids import TokenGrid, find_unet_level, pool_to_grid
 from .importance import importance_map, rows_for_samples
@@ -23,6 +24,7 @@ from .partition import (
     tile_token_order,
     tiled_partition,
 )
+from .preview import ROLE_COLOURS, importance_picture, merge_picture, overlay, quantise_map
 from .temporal import TemporalShare, frame_partners, pair_groups, temporal_share
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "MergeSizes",
     "Partition",
     "RandomGridConfig",
+    "ROLE_COLOURS",
     "TokenGrid",
     "TemporalShare",
     "TokenRole",
@@ -39,10 +42,14 @@ __all__ = [
     "frame_partners",
     "importance_map",
     "importance_partition",
+    "importance_picture",
     "make_partition",
+    "merge_picture",
+    "overlay",
     "pair_groups",
     "max_ratio",
     "plan_sizes",
+    "quantise_map",
     "pool_to_grid",
     "random_grid_partition",
     "rows_for_samples",

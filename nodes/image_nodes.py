@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from . import unet
+from .preview import LivePreview, MergePreview
 from .settings import (
     CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, WARMUP_MODES,
     MergeSettings,
@@ -55,7 +56,10 @@ _COMMON = {
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
 
 
-def _patch(model, settings: MergeSettings):
+_HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live preview is shown on this node
+
+
+def _patch(model, settings: MergeSettings, node_id=None):
     if not unet.is_unet(model):
         name = type(getattr(model, "model", model)).__name__
         log.warning("Importance Token Merging: %s models are not supported yet; passing the model through unchanged.",
@@ -64,12 +68,14 @@ def _patch(model, settings: MergeSettings):
     if settings.ratio == 0:
         log.info("Importance Token Merging: ratio 0, merging is off; the model passes through unchanged.")
         return (model,)
-    return (unet.apply(model, settings),)
+    live = LivePreview(node_id) if node_id is not None else None
+    return (unet.apply(model, settings, live=live),)
 
 
 class ImportanceTokenMerging:
     DESCRIPTION = ("Speeds up sampling by merging similar tokens before self-attention, keeping the tokens that "
-                   "classifier-free guidance marks as important (Wu et al., ICCV 2025).")
+                   "classifier-free guidance marks as important (Wu et al., ICCV 2025). While a sampler runs, the node "
+                   "shows the latest importance map and merge map in the web UI.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = (_MODEL_OUT_TOOLTIP,)
@@ -77,11 +83,11 @@ class ImportanceTokenMerging:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": _MODEL_IN, **_COMMON}}
+        return {"required": {"model": _MODEL_IN, **_COMMON}, "hidden": _HIDDEN}
 
-    def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope):
+    def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, unique_id=None):
         return _patch(model, MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
-                                           end_percent=end_percent, levels=levels, scope=scope))
+                                           end_percent=end_percent, levels=levels, scope=scope), unique_id)
 
 
 class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
@@ -174,26 +180,28 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "share of the similarity comes from how alike the two tokens' importance is, so background "
                            "tokens merge into background and detail into detail. Beyond the paper.",
             }),
-        }}
+        }, "hidden": _HIDDEN}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
               partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=3.0,
-              affinity=0.2):
+              affinity=0.2, unique_id=None):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
                                  merge_cross_attn=merge_cross_attn, seed=merge_seed, tiles=tiles,
                                  partition_reuse=partition_reuse, temporal_ratio=temporal_ratio, protect=protect,
                                  weight_power=weight_power, affinity=affinity)
-        return _patch(model, settings)
+        return _patch(model, settings, unique_id)
 
 
 NODE_CLASS_MAPPINGS = {
     "ITM_ImportanceTokenMerging": ImportanceTokenMerging,
     "ITM_ImportanceTokenMergingAdvanced": ImportanceTokenMergingAdvanced,
+    "ITM_MergePreview": MergePreview,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ITM_ImportanceTokenMerging": "Importance Token Merging",
     "ITM_ImportanceTokenMergingAdvanced": "Importance Token Merging (Advanced)",
+    "ITM_MergePreview": "Token Merging Preview",
 }

@@ -16,23 +16,41 @@ merged; everything here is the same for every family:
   batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
   gets its own merge.
 * **Importance.** ``sampler_post_cfg_function`` stores ``|cond - uncond|`` of every evaluation as the map for the next.
+* **Previews.** The adapter reports each step's first partition per merge site (:meth:`MergeRuntime.record`): the
+  map it used and every token's role are kept, small and on the CPU, in the run's summary (the two latest runs keep
+  them), for the preview node; a live preview callback (the web UI's) gets the step's first one.
 """
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..merging import Partition, TemporalShare, importance_map
+from ..merging import Partition, TemporalShare, TokenGrid, importance_map, quantise_map
 from .settings import MergeSettings, sigma_range
 
 log = logging.getLogger("comfyui_importance_tome")
 
 KEY = "importance_tome"
 WRAPPER_KEY = "importance_tome"
+
+
+@dataclass
+class StepPreview:
+    """What one model evaluation merged, for pictures: kept on the CPU, one byte per latent position and token."""
+
+    step: int  # index of the model evaluation in its run (0 = first; samplers like heun evaluate twice per step)
+    sigma: Optional[float]
+    importance: Optional[torch.Tensor] = None  # [S, H, W] uint8 (quantise_map) of the map this step used; None = none
+    grids: Dict[int, TokenGrid] = field(default_factory=dict)  # merge site (UNet level) -> its token grid
+    roles: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict)  # site -> {sample/frame: [N] TokenRole}
+
+
+PREVIEW_RUNS = 2  # finished runs that keep their step previews (older summaries drop them)
 
 
 @dataclass
@@ -49,6 +67,8 @@ class RunSummary:
     shared: Dict[int, Tuple[int, int]] = field(default_factory=dict)  # level -> (kept, queries computed per frame)
     sigma_bounds: Optional[Tuple[float, float]] = None  # the active range (sigma_start, sigma_end) of this run
     fallbacks: List[str] = field(default_factory=list)
+    previews: Dict[int, StepPreview] = field(default_factory=dict)  # evaluation index -> what it merged
+    preview_seconds: float = 0.0  # time spent keeping previews and handing them to the live preview
 
     @property
     def empty(self) -> bool:
@@ -95,6 +115,7 @@ class RunState:
         self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
         self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
         self.last_sigma: Optional[float] = None
+        self.step = -1  # index of the current model evaluation in this run
         self.forward: object = None  # token of the current forward (the adapter's, compared by identity)
         self.call_active = False
         self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
@@ -121,29 +142,43 @@ class MergeRuntime:
     """Everything the patches need: settings, the active range and the current run's state."""
 
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
-                 history: Optional[list] = None) -> None:
+                 history: Optional[list] = None, live: Optional[Callable] = None) -> None:
         self.settings = settings
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
         # a weak reference, so deep copies of model_options (2024 host) never copy the model
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
         self.managed = managed  # True when a host wrapper starts and ends each run
         self.history = history if history is not None else []
+        self.live = live  # called with (runtime, StepPreview, site) at each step's first partition (web UI preview)
         self.run = RunState(settings)
 
     def fresh(self) -> "MergeRuntime":
         """A runtime for one sampling run that shares settings and history with this one."""
-        return type(self)(self.settings, self._model, managed=True, history=self.history)
+        return type(self)(self.settings, self._model, managed=True, history=self.history, live=self.live)
+
+    def __deepcopy__(self, memo) -> "MergeRuntime":
+        """The 2024 host deep-copies model options on every ``model.clone()`` (a LoRA or ModelSampling node after
+        the merging node, a probe): the copy starts with a fresh run but shares the history, so the runs of every
+        clone are the runs of the merging node's model (what the preview node shows)."""
+        copy = type(self)(self.settings, self._model, managed=self.managed, history=self.history, live=self.live)
+        memo[id(self)] = copy
+        return copy
 
     def summaries(self) -> List[RunSummary]:
-        """Finished runs (oldest first), plus the current run on hosts where a run's end is not signalled."""
-        current = self.run.summary
-        return list(self.history) + ([] if current.empty else [current])
+        """Runs of this model and its clones, oldest first; the last one may still be running."""
+        return [summary for summary in self.history if not summary.empty]
+
+    def start_run(self) -> None:
+        """Put the run in the shared history when its first forward starts (kept: the last 8 runs; with step
+        previews: the last :data:`PREVIEW_RUNS`)."""
+        self.history.append(self.run.summary)
+        del self.history[:-8]
+        for old in self.history[:-PREVIEW_RUNS]:
+            old.previews.clear()
 
     def finish_run(self) -> None:
         run = self.run
         if not run.summary.empty:
-            self.history.append(run.summary)
-            del self.history[:-8]
             log.info("Importance Token Merging (%s, ratio %.2f): %s", self.settings.importance, self.settings.ratio,
                      run.summary.describe())
         self.run = RunState(self.settings)
@@ -179,6 +214,7 @@ class MergeRuntime:
             new_step = True
         if run.bounds is None:
             run.bounds = run.summary.sigma_bounds = self._bounds()
+            self.start_run()
         run.last_sigma = sigma
         run.forward = forward
         run.partitions = {}
@@ -186,6 +222,7 @@ class MergeRuntime:
         start, end = run.bounds
         run.call_active = sigma is None or end <= sigma <= start
         if new_step:
+            run.step += 1
             run.step_merges = {}
             if not run.call_active:
                 run.summary.evaluations_inactive += 1
@@ -234,6 +271,36 @@ class MergeRuntime:
                   "using random merging for it", height, width, full_h, full_w)
         return None
 
+    def record(self, site: int, grid: TokenGrid, part: Partition, frames: List[int], used_map: bool,
+               row_group: Optional[torch.Tensor] = None) -> None:
+        """Keep this step's roles at ``site`` for ``frames`` (the samples of the chunk, in order; ``row_group`` maps
+        them to the partition's rows when frames share one) and the map the step used. First come, first kept."""
+        started = time.perf_counter()
+        try:
+            self._record(site, grid, part, frames, used_map, row_group)
+        finally:
+            self.run.summary.preview_seconds += time.perf_counter() - started
+
+    def _record(self, site, grid, part, frames, used_map, row_group) -> None:
+        run = self.run
+        preview = run.summary.previews.get(run.step)
+        first = preview is None
+        if first:
+            preview = run.summary.previews[run.step] = StepPreview(run.step, run.last_sigma)
+        if preview.grids.setdefault(site, grid) != grid:
+            return  # another grid at this site (an area cond's crop): the full latent's came first
+        rows = preview.roles.setdefault(site, {})
+        if all(frame in rows for frame in frames):
+            return
+        roles = part.roles if row_group is None else part.roles[row_group]
+        roles = roles.cpu()
+        for index, frame in enumerate(frames):
+            rows.setdefault(frame, roles[index])
+        if used_map and preview.importance is None and run.map is not None:
+            preview.importance = quantise_map(run.map)
+        if first and self.live is not None:
+            self.live(self, preview, site)
+
     # --- importance capture ---------------------------------------------------------------------------------------
 
     def capture(self, args: dict) -> None:
@@ -276,6 +343,20 @@ def window_frames(extra: dict, full_length: int, samples: int) -> Optional[list]
         if len(index) == samples and params.get("full_length", full_length) == full_length and max(index) < full_length:
             return index
     return None
+
+
+def chunk_frames(extra: dict, samples: int) -> List[int]:
+    """Which samples (video frames) of the whole latent batch the ``samples`` rows of a chunk are: the context
+    window's frames when ComfyUI or AnimateDiff-Evolved runs one, else ``0 .. samples - 1``."""
+    window = extra.get("context_window")
+    if window is not None and getattr(window, "dim", 0) == 0:
+        index = list(getattr(window, "index_list", None) or [])
+        if len(index) == samples:
+            return [int(i) for i in index]
+    params = extra.get("ad_params")
+    if isinstance(params, dict) and params.get("sub_idxs") is not None and len(params["sub_idxs"]) == samples:
+        return [int(i) for i in params["sub_idxs"]]
+    return list(range(samples))
 
 
 def runtime_of(extra: dict) -> Optional[MergeRuntime]:

@@ -37,7 +37,7 @@ from ..merging import (
     temporal_share,
     tiled_partition,
 )
-from .runtime import KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_ids, runtime_of
+from .runtime import KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_frames, chunk_ids, runtime_of
 from .settings import MergeSettings
 
 log = logging.getLogger("comfyui_importance_tome")
@@ -148,6 +148,8 @@ class UNetRuntime(MergeRuntime):
                      "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
                      part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
         run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
+        self.record(level, grid, part, chunk_frames(extra, samples), used_map=importance is not None,
+                    row_group=row_sample)
         return LevelMerge(part, mode)
 
 
@@ -314,13 +316,14 @@ def _remove_ours(patcher) -> None:
     options.pop(KEY, None)
 
 
-def apply(model, settings: MergeSettings):
-    """Clone ``model`` and attach importance merging. The input model is never modified."""
+def apply(model, settings: MergeSettings, live=None):
+    """Clone ``model`` and attach importance merging (``live``: the web UI's preview sender, or None). The input
+    model is never modified."""
     patched = model.clone()
     _remove_ours(patched)
     # the active range is resolved from the sampled model's model_sampling when each run starts (a ModelSampling node
     # after this one changes it); the runtime holds the shared BaseModel weakly
-    attach(patched, UNetRuntime(settings, patched.model), settings)
+    attach(patched, UNetRuntime(settings, patched.model, live=live), settings)
     video_stacks = 0
     for name, module in patched.model.diffusion_model.named_modules():
         time_stack = getattr(module, "time_stack", None)

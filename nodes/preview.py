@@ -6,8 +6,9 @@
 * :class:`LivePreview` is attached by the merging nodes: while a sampler runs, it sends the latest step's pictures
   (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``, which only queues the message
   for the server's event loop), at most every ``interval`` seconds plus one trailing message for the last step.
-  ``web/importance_tome.js`` shows them on the merging node. Without a running ComfyUI server (scripts, tests) it
-  does nothing.
+  ``web/importance_tome.js`` shows them on the merging node. The picture is drawn and encoded on another thread;
+  the sampling thread only takes a snapshot of the step's first frame. Without a running ComfyUI server (scripts,
+  tests) it does nothing.
 """
 from __future__ import annotations
 
@@ -64,7 +65,6 @@ class LivePreview:
         self._last = 0.0
         self._pending = None
         self._timer: Optional[threading.Timer] = None
-        self.sent = 0  # messages sent (for tests)
 
     def __deepcopy__(self, memo):  # model options may be deep-copied (2024 host): one sender per node
         return self
@@ -90,7 +90,8 @@ class LivePreview:
                     self._timer.start()
                 return
             self._last = now
-        self._send(*message)
+        # drawn and encoded off the sampling thread: the sampler only pays for the snapshot above
+        threading.Thread(target=self._send, args=message, daemon=True, name="itm-live-preview").start()
 
     def _flush(self) -> None:
         with self._lock:
@@ -123,7 +124,6 @@ class LivePreview:
                 "has_map": preview.importance is not None,
             }
             server.send_sync(EVENT, data, getattr(server, "client_id", None))
-            self.sent += 1
         except Exception as err:  # a preview must never stop sampling
             log.warning("Importance Token Merging: live preview not sent (%s: %s)", type(err).__name__, err)
 

@@ -4,8 +4,10 @@
 - :mod:`merging.grids`: token grids of UNet levels, DiT patches and videos; pooling a map onto them.
 - :mod:`merging.partition`: importance-based and random-grid partitions, merge and unmerge.
 - :mod:`merging.temporal`: neighbouring video frames sharing the queries of tokens that barely change.
+- :mod:`merging.frames`: per-frame merging of video tokens laid out ``(t h w)`` (video DiTs).
 - :mod:`merging.preview`: pictures of the importance map and of a partition's kept / destination / merged tokens.
 """
+from .frames import FramePartition, frame_partition
 from .grids import TokenGrid, find_unet_level, pool_to_grid
 from .importance import importance_map, rows_for_samples
 from .partition import (
@@ -29,6 +31,7 @@ from .temporal import TemporalShare, frame_partners, pair_groups, temporal_share
 
 __all__ = [
     "DST_MODES",
+    "FramePartition",
     "MERGE_MODES",
     "ImportanceConfig",
     "MergeSizes",
@@ -39,6 +42,7 @@ __all__ = [
     "TemporalShare",
     "TokenRole",
     "find_unet_level",
+    "frame_partition",
     "frame_partners",
     "importance_map",
     "importance_partition",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import unet
+from . import unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
     CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, WARMUP_MODES,
@@ -18,7 +18,8 @@ log = logging.getLogger("comfyui_importance_tome")
 
 CATEGORY = "model_patches/token_merging"
 
-_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up (SD1.x, SD2.x, SDXL and other UNet models)."})
+_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; WAN 2.x "
+                                  "video models (current ComfyUI; self-attention of every block, per frame)."})
 _COMMON = {
     "ratio": ("FLOAT", {
         "default": 0.5, "min": 0.0, "max": MAX_RATIO, "step": 0.05,
@@ -42,7 +43,7 @@ _COMMON = {
         "default": "auto",
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
-                   "auto+1 also merges the next level down.",
+                   "auto+1 also merges the next level down. WAN: not used (every block's self-attention is merged).",
     }),
     "scope": (list(SCOPES), {
         "default": "attention",
@@ -59,9 +60,13 @@ _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input m
 _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live preview is shown on this node
 
 
+ADAPTERS = (unet, wan)  # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
+
+
 def _patch(model, settings: MergeSettings, node_id=None):
-    if not unet.is_unet(model):
-        name = type(getattr(model, "model", model)).__name__
+    adapter = next((a for a in ADAPTERS if a.supports(model)), None)
+    if adapter is None:
+        name = type(getattr(getattr(model, "model", None), "diffusion_model", getattr(model, "model", model))).__name__
         log.warning("Importance Token Merging: %s models are not supported yet; passing the model through unchanged.",
                     name)
         return (model,)
@@ -69,7 +74,7 @@ def _patch(model, settings: MergeSettings, node_id=None):
         log.info("Importance Token Merging: ratio 0, merging is off; the model passes through unchanged.")
         return (model,)
     live = LivePreview(node_id) if node_id is not None else None
-    return (unet.apply(model, settings, live=live),)
+    return (adapter.apply(model, settings, live=live),)
 
 
 class ImportanceTokenMerging:

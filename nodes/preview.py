@@ -40,7 +40,8 @@ def prompt_server():
 
 
 def preview_pictures(preview: StepPreview, site: int, height: int, width: int, frames=None):
-    """(importance, merge map) pictures, [F, height, width, 3] each, of ``frames`` (default: every recorded one)."""
+    """(importance, merge map) pictures, [F, height, width, 3] each, of ``frames`` (default: every recorded one);
+    video latents ([S, T, ...] maps, grids with T frames) give T pictures per sample, sample-major."""
     rows = preview.roles[site]
     frames = sorted(rows) if frames is None else list(frames)
     grid = preview.grids[site]
@@ -51,7 +52,21 @@ def preview_pictures(preview: StepPreview, site: int, height: int, width: int, f
             quantised = None  # the map does not cover these frames (cannot happen for a map of the same latent)
         else:
             quantised = quantised[torch.as_tensor(frames)]
+            quantised = quantised.reshape(-1, *quantised.shape[-2:])  # [S, T, H, W] -> [S * T, H, W]
+            if quantised.shape[0] != merge.shape[0]:
+                quantised = None
     return importance_picture(quantised, merge.shape[0], height, width), merge
+
+
+def decoded_frame_index(pictures_per_sample: int, latent_frames: int) -> Optional[torch.Tensor]:
+    """For video VAEs that compress time causally (first frame alone, then ``c`` frames per latent frame: WAN,
+    HunyuanVideo c = 4, LTX-Video c = 8): the latent frame of every decoded frame, or None if the counts do not fit."""
+    if latent_frames < 2 or pictures_per_sample <= latent_frames or (pictures_per_sample - 1) % (latent_frames - 1):
+        return None
+    per = (pictures_per_sample - 1) // (latent_frames - 1)
+    index = torch.zeros(pictures_per_sample, dtype=torch.long)
+    index[1:] = torch.arange(pictures_per_sample - 1) // per + 1
+    return index
 
 
 class LivePreview:
@@ -181,14 +196,22 @@ class MergePreview:
             raise ValueError(f"Token Merging Preview: level {site} was not merged at step {chosen}; merged levels: "
                              f"{sorted(preview.roles)}")
         frames = sorted(preview.roles[site])
-        pictures = len(frames) * preview.grids[site].frames
-        if images.ndim != 4 or images.shape[0] != pictures:
-            raise ValueError(f"Token Merging Preview: 'images' holds {images.shape[0] if images.ndim == 4 else '?'} "
-                             f"pictures but the run sampled {pictures} latents (images / video frames); connect the "
-                             f"images decoded from this model's sampler")
+        latent_frames = preview.grids[site].frames
+        pictures = len(frames) * latent_frames
+        count = images.shape[0] if images.ndim == 4 else None
+        expand = None
+        if count is not None and count != pictures and count % len(frames) == 0:
+            expand = decoded_frame_index(count // len(frames), latent_frames)  # decoded video frames
+        if count is None or (count != pictures and expand is None):
+            raise ValueError(f"Token Merging Preview: 'images' holds {count if count is not None else '?'} pictures "
+                             f"but the run sampled {pictures} latents (images / video frames); connect the images "
+                             f"decoded from this model's sampler")
         height, width = int(images.shape[1]), int(images.shape[2])
         base = images[..., :3].float().cpu()
         importance, merge = preview_pictures(preview, site, height, width, frames)
+        if expand is not None:  # every decoded frame shows its latent frame's pictures
+            rows = (torch.arange(len(frames))[:, None] * latent_frames + expand[None]).reshape(-1)
+            importance, merge = importance[rows], merge[rows]
         return overlay(base, importance, opacity), overlay(base, merge, opacity)
 
     @staticmethod

@@ -306,8 +306,8 @@ class MergeRuntime:
     def capture(self, args: dict) -> None:
         run = self.run
         cond, uncond = args.get("cond_denoised"), args.get("uncond_denoised")
-        if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim != 4:
-            return
+        if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim not in (4, 5):
+            return  # image latents [B, C, H, W] (UNet video: frames are the batch) or video latents [B, C, T, H, W]
         if self.settings.importance != "cfg":
             return
         # cfg = 1: no uncond pass was computed (current ComfyUI passes None; the 2024 host an all-zero prediction)

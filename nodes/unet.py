@@ -294,6 +294,10 @@ def _merged_stack(module):
     return _shared_copy(module, merged_stack_class())
 
 
+def supports(model) -> bool:
+    return is_unet(model)
+
+
 def is_unet(model) -> bool:
     """True for models whose diffusion model is ComfyUI's UNetModel (SD1.x/2.x/SDXL/SVD/Zero123 …)."""
     diffusion_model = getattr(getattr(model, "model", None), "diffusion_model", None)

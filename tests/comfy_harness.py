@@ -460,6 +460,27 @@ def tiny_video_model(arch: str = "svd", seed: int = 0, context_dim: int = 64, de
     return _build(getattr(comfy.supported_models, config_name), unet_config, seed, device)
 
 
+def wan_config(dim: int = 64, heads: int = 2, layers: int = 2, ffn_dim: int = 128, text_dim: int = 64,
+               model_type: str = "t2v") -> dict:
+    """A WanModel config (ComfyUI's own class; the real WAN 2.1 1.3B is dim 1536, 12 heads, 30 layers, ffn 8960,
+    text_dim 4096)."""
+    return {"image_model": "wan2.1", "model_type": model_type, "patch_size": (1, 2, 2), "text_len": 512,
+            "in_dim": 16, "dim": dim, "ffn_dim": ffn_dim, "freq_dim": 256, "text_dim": text_dim, "out_dim": 16,
+            "num_heads": heads, "num_layers": layers, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6}
+
+
+def tiny_wan_model(seed: int = 0, device=None, **config):
+    """A tiny WAN 2.1 text-to-video model (comfy.supported_models.WAN21_T2V, current ComfyUI only) and two
+    conditionings (16 text tokens). Latents are [B, 16, T, H, W] (EmptyHunyuanLatentVideo)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("WAN models exist only in current ComfyUI")
+    import comfy.supported_models
+    cfg = wan_config(**config)
+    model = _build(comfy.supported_models.WAN21_T2V, cfg, seed, device)
+    return (model, *_cond(cfg["text_dim"], None, seed + 1, tokens=16))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

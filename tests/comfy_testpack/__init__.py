@@ -246,6 +246,116 @@ class HostTestTiledWrapper:
         return (m,)
 
 
+class HostTestTinyWanModel:
+    """A tiny WAN 2.1 t2v model (ComfyUI's WanModel) with two text conditionings; current ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "layers": ("INT", {"default": 2, "min": 1, "max": 40})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, layers):
+        return _boot().tiny_wan_model(seed=seed, layers=layers)
+
+
+class HostTestAttentionRecorder:
+    """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
+    (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
+    see what the attention kernel finally receives. RECORDS[unique_id] is the list of calls."""
+
+    RECORDS = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "probe"
+    CATEGORY = "testing/host"
+
+    def probe(self, model, unique_id=None):
+        records = HostTestAttentionRecorder.RECORDS.setdefault(str(unique_id), [])
+        records.clear()
+
+        def recorder(func, *args, **kwargs):
+            extra = kwargs.get("transformer_options") or {}
+            q, k, v = args[:3]
+            records.append({"q": int(q.shape[1]), "k": int(k.shape[1]), "v": int(v.shape[1]), "rows": int(q.shape[0]),
+                            "block_index": extra.get("block_index"), "grid_sizes": extra.get("grid_sizes")})
+            out = func(*args, **kwargs)
+            records[-1]["out"] = int(out.shape[1])
+            return out
+
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recorder
+        return (m,)
+
+
+class HostTestRuntimeProbe:
+    """MODEL -> the same MODEL: keeps the importance-merging runtime found on it in RUNTIMES[unique_id]."""
+
+    RUNTIMES = {}
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "probe"
+    CATEGORY = "testing/host"
+
+    def probe(self, model, unique_id=None):
+        options = model.model_options.get("transformer_options", {})
+        HostTestRuntimeProbe.RUNTIMES[str(unique_id)] = options.get("importance_tome")
+        return (model,)
+
+
+class HostTestVideoCodec:
+    """A video VAE stand-in for VAEDecode: [B, C, T, H, W] latents -> [B, 4 (T - 1) + 1, 8 H, 8 W, 3] grey frames
+    (WAN's causal time compression: the first frame alone, then 4 frames per latent frame)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    class Codec:
+        latent_channels = 16
+        downscale_ratio = 8
+        upscale_ratio = 8
+        output_channels = 3
+
+        def spacial_compression_decode(self):
+            return 8
+
+        def temporal_compression_decode(self):
+            return 4
+
+        def decode(self, samples):
+            import torch
+            import torch.nn.functional as F
+
+            b, _, t, h, w = samples.shape
+            grey = ((samples.float().mean(dim=1) + 1) / 2).clamp(0, 1)  # [B, T, H, W]
+            index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(4 * (t - 1)) // 4 + 1])
+            frames = F.interpolate(grey[:, index], scale_factor=8, mode="nearest")
+            return frames[..., None].expand(-1, -1, -1, -1, 3).contiguous()
+
+    def build(self):
+        return (HostTestVideoCodec.Codec(),)
+
+
+NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec
+NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
+NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
+NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe
 NODE_CLASS_MAPPINGS["HostTestTiledWrapper"] = HostTestTiledWrapper
 NODE_CLASS_MAPPINGS["HostTestFullSD15"] = HostTestFullSD15

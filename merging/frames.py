@@ -1,0 +1,106 @@
+"""Per-frame merging of video tokens laid out ``(t h w)`` (video DiTs such as WAN): tokens only merge with tokens of
+the same latent frame, and every frame loses the same share.
+
+A :class:`FramePartition` wraps an ordinary :class:`~merging.partition.Partition` whose rows are single frames
+(``sample * frames + t``) and applies it to ``[B, frames * N, C]`` sequences by viewing them as
+``[B * frames, N, C]``: one scatter / gather per merge or unmerge, no copy beyond that.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .grids import TokenGrid
+from .partition import (
+    ImportanceConfig,
+    MergeMode,
+    MergeSizes,
+    Partition,
+    RandomGridConfig,
+    importance_partition,
+    random_grid_partition,
+)
+
+
+class FramePartition:
+    """A partition of each frame's tokens, applied to whole ``(t h w)`` sequences (duck-types :class:`Partition`)."""
+
+    def __init__(self, frame_part: Partition, frames: int) -> None:
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.frame_part = frame_part
+        self.frames = frames
+        s = frame_part.sizes
+        self.sizes = MergeSizes(s.num_tokens * frames, s.num_removed * frames, s.num_dst * frames, s.pool_size * frames)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.frame_part.is_identity
+
+    @property
+    def roles(self) -> torch.Tensor:
+        """[S, frames * N] :class:`~merging.partition.TokenRole` per sample, in ``(t h w)`` order."""
+        roles = self.frame_part.roles
+        return roles.reshape(roles.shape[0] // self.frames, -1)
+
+    def take_rows(self, index: torch.Tensor) -> "FramePartition":
+        """This partition on another batch: row ``i`` of the result is (sample) row ``index[i]`` of this one."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.frame_part.row_sample.device)
+        frames = torch.arange(self.frames, device=index.device)
+        return FramePartition(self.frame_part.take_rows((index[:, None] * self.frames + frames).reshape(-1)),
+                              self.frames)
+
+    def merge(self, x: torch.Tensor, mode: MergeMode = "mean") -> torch.Tensor:
+        """[B, frames * N, C] → [B, frames * (N - r), C]."""
+        if self.is_identity:
+            return x
+        batch, length, channels = self._check(x, self.sizes.num_tokens)
+        merged = self.frame_part.merge(x.reshape(batch * self.frames, length // self.frames, channels), mode)
+        return merged.reshape(batch, -1, channels)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """[B, frames * (N - r), C] → [B, frames * N, C]."""
+        if self.is_identity:
+            return y
+        batch, length, channels = self._check(y, self.sizes.num_kept)
+        restored = self.frame_part.unmerge(y.reshape(batch * self.frames, length // self.frames, channels))
+        return restored.reshape(batch, -1, channels)
+
+    def _check(self, x: torch.Tensor, length: int):
+        if x.ndim != 3 or x.shape[1] != length:
+            raise ValueError(f"expected a [B, {length}, C] tensor for this partition, got {tuple(x.shape)}")
+        return x.shape
+
+
+def frame_partition(
+    metric: torch.Tensor,
+    grid: TokenGrid,
+    config,
+    *,
+    importance: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> FramePartition:
+    """Partition every frame of each sample on its own.
+
+    Args:
+        metric: [S, frames * N, C] features of one row per sample, tokens in ``(t h w)`` order of ``grid``.
+        grid: the token grid (``frames × height × width``).
+        config: :class:`ImportanceConfig` (needs ``importance``) or :class:`RandomGridConfig`.
+        importance: [S, frames * N] map on the grid (e.g. :func:`merging.grids.pool_to_grid`).
+    """
+    samples, length, channels = metric.shape
+    if length != grid.num_tokens:
+        raise ValueError(f"the token grid {grid} has {grid.num_tokens} tokens but the block has {length}")
+    per_frame = TokenGrid(grid.height, grid.width)
+    rows = metric.reshape(samples * grid.frames, per_frame.num_tokens, channels)
+    if isinstance(config, ImportanceConfig):
+        if importance is None:
+            raise ValueError("an ImportanceConfig needs an importance map")
+        scores = importance.reshape(samples * grid.frames, per_frame.num_tokens)
+        part = importance_partition(rows, scores, config, generator=generator, grid=per_frame)
+    elif isinstance(config, RandomGridConfig):
+        part = random_grid_partition(rows, per_frame, config, generator=generator)
+    else:
+        raise TypeError(f"unknown partition config {type(config).__name__}")
+    return FramePartition(part, grid.frames)

@@ -1,0 +1,158 @@
+"""Speed benchmark of importance merging on video DiTs (WAN 2.1 so far): no merging vs random ToMe vs importance.
+
+    COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python tests/bench_dit.py \\
+        [--models wan@832x480x17,wan@832x480x33] [--layers 2] [--ratios 0.3,0.5,0.7] [--reps 2] \\
+        [--attention default|sdpa] [--out output/bench]
+
+WAN 2.1 1.3B blocks at their real width (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096), random
+initialised weights, built by ComfyUI's own classes (current ComfyUI only). The real model has 30 blocks; a CPU run
+uses ``--layers`` of them (default 2): every block does the same work, so the speed-up of the blocks is the model's
+(patch embedding and head are a fraction of a percent). Each measurement is one model evaluation of a cond+uncond
+batch inside ComfyUI's own sampler after the first step (importance capture and matching included); methods run
+interleaved after a warm-up round; medians with min–max over reps × timed steps.
+
+Also reported: the share of an unmerged evaluation spent in the self-attention kernel (timed through ComfyUI's
+attention override) and the ideal speed-up of merging there (kernel × (1 − (1 − r)²)); achieved / ideal.
+Writes <out>/speed_wan_<host>_<device>[_sdpa].md and .csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import bench_speed  # noqa: E402
+import comfy_harness as H  # noqa: E402
+
+WAN_13B = dict(dim=1536, heads=12, ffn_dim=8960, text_dim=4096)
+
+
+def build_wan(layers: int, seed: int = 0):
+    import torch
+    import comfy.supported_models
+
+    config = H.wan_config(layers=layers, **WAN_13B)
+    model = H._build(comfy.supported_models.WAN21_T2V, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    positive = [[torch.randn(1, 512, WAN_13B["text_dim"], generator=g), {}]]
+    negative = [[torch.randn(1, 512, WAN_13B["text_dim"], generator=g), {}]]
+    return model, positive, negative
+
+
+def kernel_share(model, positive, negative, latent):
+    """Seconds in the self-attention kernel (the first attention call of each block) and in total, over two
+    unmerged evaluations."""
+    spent = {"kernel": 0.0}
+    seen = {"key": None}
+
+    def timing(func, *args, **kwargs):
+        extra = kwargs.get("transformer_options") or {}
+        key = (id(extra), extra.get("block_index"))
+        first, seen["key"] = key != seen["key"], key
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        if first:
+            spent["kernel"] += time.perf_counter() - start
+        return out
+
+    timed = model.clone()
+    timed.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = timing
+    start = time.perf_counter()
+    bench_speed.sample_steps(timed, positive, negative, latent, steps=2)
+    return spent["kernel"], time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="wan@832x480x17")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--ratios", default="0.5")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=2, help="sampler steps per run; the first is not timed")
+    parser.add_argument("--attention", choices=("default", "sdpa"), default="default")
+    parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
+    args = parser.parse_args(argv)
+    root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0]
+    if not root:
+        print("WAN needs current ComfyUI: set COMFYUI_PATH", file=sys.stderr)  # noqa: T201
+        return 1
+    extra = ("--use-pytorch-cross-attention",) if args.attention == "sdpa" else ()
+    info = H.boot_with_pack(root, REPO, cpu=True, extra_args=extra)
+    import platform
+
+    import torch
+    import comfy.ldm.modules.attention as attention_module
+    import nodes
+
+    device = f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()}, fp32)"
+    backend = getattr(attention_module.optimized_attention, "__name__", "?")
+    node = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rows = []
+    for spec in args.models.split(","):
+        arch, size = spec.split("@")
+        width, height, length = (int(v) for v in size.split("x"))
+        latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)
+        tokens = latent.shape[2] * (latent.shape[3] // 2) * (latent.shape[4] // 2)
+        model, positive, negative = build_wan(args.layers)
+        methods = [("none", 0.0, model)]
+        for ratio in ratios:
+            for importance in ("random", "cfg"):
+                (patched,) = node.patch(model, ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
+                                        levels="auto", scope="attention")
+                methods.append((f"itm-{importance}", ratio, patched))
+        label = f"{arch}@{size} ({args.layers} blocks, {tokens} tokens)"
+        print(f"[{label}] warm-up", flush=True)  # noqa: T201
+        bench_speed.sample_steps(model, positive, negative, latent, steps=2)
+        times = {(name, ratio): [] for name, ratio, _ in methods}
+        for rep in range(args.reps):
+            for name, ratio, patched in methods:
+                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent, steps=args.steps)
+                times[(name, ratio)] += steps
+                print(f"[{label}] rep {rep + 1}/{args.reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
+                      + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
+        kernel, total = kernel_share(model, positive, negative, latent)
+        share = kernel / total if total else 0.0
+        base = statistics.median(times[("none", 0.0)])
+        for (name, ratio), values in times.items():
+            med = statistics.median(values)
+            ideal = share * (1 - (1 - ratio) ** 2) if name != "none" else 0.0
+            rows.append({
+                "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,
+                "s_per_eval": bench_speed.fmt(values), "median_s": round(med, 3),
+                "speedup_vs_none": round(base / med, 3),
+                "ideal_speedup": round(1 / (1 - ideal), 3) if ideal else "",
+                "achieved_over_ideal": round((1 - med / base) / ideal, 3) if ideal else "",
+                "kernel_share": round(share, 3),
+            })
+        del model, methods
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"speed_wan_{info['host'].split(' ')[0]}_cpu" + ("_sdpa" if args.attention == "sdpa"
+                                                                                   else ""))
+    with open(stem + ".csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# WAN speed: {info['host']}, {device}, attention {backend}", "",
+             f"`{' '.join(['tests/bench_dit.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
+             "| model | method | ratio | s / eval (median, min–max) | speed-up | ideal (self-attn kernel) | "
+             "achieved / ideal | kernel share |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['blocks']} blocks, {r['tokens']} tokens) | {r['method']} | {r['ratio']} | "
+                     f"{r['s_per_eval']} | {r['speedup_vs_none']}× | {r['ideal_speedup']} | "
+                     f"{r['achieved_over_ideal']} | {r['kernel_share']} |")
+    with open(stem + ".md", "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Per-frame partitions of (t h w) video tokens (pure torch)."""
+import pytest
+import torch
+
+from merging import (
+    FramePartition, ImportanceConfig, RandomGridConfig, TokenGrid, TokenRole, frame_partition, pool_to_grid,
+)
+
+
+def _frame_of(grid):
+    return torch.arange(grid.frames).repeat_interleave(grid.height * grid.width)
+
+
+@pytest.mark.parametrize("config", [ImportanceConfig(0.5, pool_scale=1.2, dst_mode="grid"), RandomGridConfig(0.5)])
+def test_tokens_merge_only_inside_their_frame(config):
+    grid = TokenGrid(4, 6, frames=3)
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, grid.num_tokens, 8, generator=g)
+    importance = torch.rand(2, grid.num_tokens, generator=g)
+    part = frame_partition(metric, grid, config, importance=importance, generator=torch.Generator().manual_seed(1))
+    assert isinstance(part, FramePartition)
+    assert part.sizes.num_tokens == 72 and part.sizes.num_kept == 36  # every frame keeps 12 of its 24 tokens
+    x = torch.arange(2 * 72, dtype=torch.float32).reshape(2, 72, 1).expand(2, 72, 3).contiguous()
+    merged = part.merge(x)
+    assert merged.shape == (2, 36, 3)
+    # frame t's slots come first-to-last in frame order: slots 12t .. 12t+11 hold frame t's tokens only
+    frame = _frame_of(grid).float()
+    slot_frame = part.merge(frame[None, :, None].expand(2, 72, 1).contiguous())[..., 0]
+    assert torch.equal(slot_frame, torch.arange(3).repeat_interleave(12).float().expand(2, -1))
+    restored = part.unmerge(merged)
+    assert restored.shape == x.shape
+    assert torch.equal(frame[None].expand(2, -1), part.unmerge(slot_frame[..., None])[..., 0])
+    roles = part.roles
+    assert roles.shape == (2, 72)
+    for t in range(3):
+        assert int((roles[:, t * 24:(t + 1) * 24] == TokenRole.MERGED).sum()) == 2 * 12
+
+
+def test_rows_of_cond_and_uncond_share_their_sample_partition():
+    grid = TokenGrid(4, 4, frames=2)
+    metric = torch.randn(2, grid.num_tokens, 8, generator=torch.Generator().manual_seed(2))
+    importance = torch.rand(2, grid.num_tokens, generator=torch.Generator().manual_seed(3))
+    part = frame_partition(metric, grid, ImportanceConfig(0.5, dst_mode="top"), importance=importance)
+    rows = part.take_rows(torch.tensor([0, 1, 0, 1]))  # [uncond; cond] of two samples
+    x = torch.randn(4, 32, 5, generator=torch.Generator().manual_seed(4))
+    merged = rows.merge(x)
+    torch.testing.assert_close(merged[:2], part.merge(x[:2]))
+    torch.testing.assert_close(merged[2:], part.merge(x[2:]))
+
+
+def test_importance_decides_per_frame():
+    """Frame 0 important on the left, frame 1 on the right: each frame merges away its own unimportant half."""
+    grid = TokenGrid(2, 4, frames=2)
+    latent = torch.zeros(1, 2, 2, 4)
+    latent[0, 0, :, :2] = 1.0
+    latent[0, 1, :, 2:] = 1.0
+    importance = pool_to_grid(latent, grid)
+    metric = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(5))
+    part = frame_partition(metric, grid, ImportanceConfig(0.5, pool_scale=1.0, dst_mode="top"), importance=importance)
+    roles = part.roles.reshape(2, 2, 4)
+    assert bool((roles[0, :, 2:] == TokenRole.MERGED).all()) and bool((roles[1, :, :2] == TokenRole.MERGED).all())
+
+
+def test_bad_shapes_are_refused():
+    grid = TokenGrid(2, 2, frames=2)
+    with pytest.raises(ValueError, match="has 8 tokens but the block has 7"):
+        frame_partition(torch.randn(1, 7, 4), grid, RandomGridConfig(0.5))
+    part = frame_partition(torch.randn(1, 8, 4), TokenGrid(2, 2, frames=2), RandomGridConfig(0.5))
+    with pytest.raises(ValueError, match=r"expected a \[B, 8, C\]"):
+        part.merge(torch.randn(1, 6, 4))

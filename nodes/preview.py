@@ -3,8 +3,8 @@
 * :class:`MergePreview` (``ITM_MergePreview``) turns the step previews that the merging runtime keeps for the latest
   sampling run of a model into two IMAGE batches (importance map; kept / destination / merged tokens), one picture
   per sampled image or video frame, drawn over the decoded images.
-* :class:`LivePreview` is attached by the merging nodes: while a sampler runs, it sends the latest step's pictures
-  (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``, which only queues the message
+* :class:`LivePreview` is attached by the merging nodes: while a sampler runs, it sends each finished model
+  evaluation's pictures (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``, which only queues the message
   for the server's event loop), at most every ``interval`` seconds plus one trailing message for the last step.
   ``web/importance_tome.js`` shows them on the merging node. The picture is drawn and encoded on another thread;
   the sampling thread only takes a snapshot of the step's first frame. Without a running ComfyUI server (scripts,
@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..merging import importance_picture, merge_picture, overlay
+from ..merging import TokenRole, importance_picture, merge_picture, overlay
 from .runtime import StepPreview, runtime_of
 
 log = logging.getLogger("comfyui_importance_tome")
@@ -84,12 +84,14 @@ class LivePreview:
     def __deepcopy__(self, memo):  # model options may be deep-copied (2024 host): one sender per node
         return self
 
-    def __call__(self, runtime, preview: StepPreview, site: int) -> None:
+    def __call__(self, runtime, preview: StepPreview) -> None:
         if prompt_server() is None:
             return
-        # a snapshot of the first frame now (the sampling thread goes on filling the preview); drawn when sent
+        # a snapshot of the first frame of the first merge site now; drawn and sent on another thread
+        site = min(preview.roles)
         frame = min(preview.roles[site])
-        tokens, kept = runtime.run.summary.tokens.get(site, (0, 0))
+        row = preview.roles[site][frame]
+        tokens, kept = int(row.numel()), int((row != TokenRole.MERGED).sum())
         quantised = preview.importance
         snapshot = StepPreview(preview.step, preview.sigma,
                                None if quantised is None else quantised[frame:frame + 1],

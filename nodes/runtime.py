@@ -16,9 +16,10 @@ merged; everything here is the same for every family:
   batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
   gets its own merge.
 * **Importance.** ``sampler_post_cfg_function`` stores ``|cond - uncond|`` of every evaluation as the map for the next.
-* **Previews.** The adapter reports each step's first partition per merge site (:meth:`MergeRuntime.record`): the
-  map it used and every token's role are kept, small and on the CPU, in the run's summary (the two latest runs keep
-  them), for the preview node; a live preview callback (the web UI's) gets the step's first one.
+* **Previews.** The adapter reports each step's partitions per merge site (:meth:`MergeRuntime.record`): the map
+  the step used and every token's role (of the whole latent, not of an area cond's crop) are kept, small and on the
+  CPU, in the run's summary (the two latest runs keep them), for the preview node; a live preview callback (the web
+  UI's) gets each merged evaluation when the post-cfg hook closes it.
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ class RunState:
         self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
         self.last_sigma: Optional[float] = None
         self.step = -1  # index of the current model evaluation in this run
+        self.evaluation_done = False  # the post-cfg hook ran: the next forward starts a new evaluation
         self.forward: object = None  # token of the current forward (the adapter's, compared by identity)
         self.call_active = False
         self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
@@ -149,7 +151,7 @@ class MergeRuntime:
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
         self.managed = managed  # True when a host wrapper starts and ends each run
         self.history = history if history is not None else []
-        self.live = live  # called with (runtime, StepPreview, site) at each step's first partition (web UI preview)
+        self.live = live  # called with (runtime, StepPreview) at the end of each merged evaluation (web UI preview)
         self.run = RunState(settings)
 
     def fresh(self) -> "MergeRuntime":
@@ -207,7 +209,11 @@ class MergeRuntime:
             return run
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
-        new_step = sigma != run.last_sigma
+        # a new model evaluation: the sampler's post-cfg hook closed the last one (heun and other second-order
+        # samplers evaluate twice per step, the second time at the next step's sigma), or sigma changed (hosts or
+        # guiders that skip the hook)
+        new_step = run.evaluation_done or sigma != run.last_sigma
+        run.evaluation_done = False
         if not self.managed and run.last_sigma is not None and sigma is not None and sigma > run.last_sigma * (1 + 1e-4):
             self.finish_run()  # sigma went up: a new sampling run on a host without run wrappers
             run = self.run
@@ -284,12 +290,15 @@ class MergeRuntime:
     def _record(self, site, grid, part, frames, used_map, row_group) -> None:
         run = self.run
         preview = run.summary.previews.get(run.step)
-        first = preview is None
-        if first:
+        if preview is None:
             preview = run.summary.previews[run.step] = StepPreview(run.step, run.last_sigma)
-        if preview.grids.setdefault(site, grid) != grid:
-            return  # another grid at this site (an area cond's crop): the full latent's came first
-        rows = preview.roles.setdefault(site, {})
+        known = preview.grids.get(site)
+        if known is None or grid.num_tokens > known.num_tokens:  # the largest grid at a site is the whole latent's (an area cond's crop may come first)
+            preview.grids[site] = grid
+            preview.roles[site] = {}
+        elif known != grid:
+            return  # a crop of the latent (area conditioning): not what the picture shows
+        rows = preview.roles[site]
         if all(frame in rows for frame in frames):
             return
         roles = part.roles if row_group is None else part.roles[row_group]
@@ -298,13 +307,17 @@ class MergeRuntime:
             rows.setdefault(frame, roles[index])
         if used_map and preview.importance is None and run.map is not None:
             preview.importance = quantise_map(run.map)
-        if first and self.live is not None:
-            self.live(self, preview, site)
 
     # --- importance capture ---------------------------------------------------------------------------------------
 
     def capture(self, args: dict) -> None:
         run = self.run
+        run.evaluation_done = True  # runs once per model evaluation, after all its cond chunks
+        preview = run.summary.previews.get(run.step)
+        if self.live is not None and preview is not None and preview.roles:
+            started = time.perf_counter()
+            self.live(self, preview)  # the evaluation is complete: every cond chunk and crop has been recorded
+            run.summary.preview_seconds += time.perf_counter() - started
         cond, uncond = args.get("cond_denoised"), args.get("uncond_denoised")
         if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim not in (4, 5):
             return  # image latents [B, C, H, W] (UNet video: frames are the batch) or video latents [B, C, T, H, W]
@@ -396,11 +409,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
 def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
     """Put ``runtime`` on a cloned model with the capture hook and (current ComfyUI) the per-run wrapper."""
     patched.model_options.setdefault("transformer_options", {})[KEY] = runtime
-    if settings.importance == "cfg":
-        force = settings.cfg1_mode == "force_uncond"
-        patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
-        if force:
-            patched.model_options["disable_cfg1_optimization"] = True
+    # also with importance = random: the hook marks the end of each model evaluation
+    force = settings.importance == "cfg" and settings.cfg1_mode == "force_uncond"
+    patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
+    if force:
+        patched.model_options["disable_cfg1_optimization"] = True
     if hasattr(patched, "add_wrapper_with_key"):
         import comfy.patcher_extension  # noqa: PLC0415
 

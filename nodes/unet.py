@@ -147,7 +147,8 @@ class UNetRuntime(MergeRuntime):
             log.info("Importance Token Merging: merging level %d, %d -> %d tokens (%s); the run's summary is "
                      "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
                      part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
-        run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
+        if part.sizes.num_tokens >= run.summary.tokens.get(level, (0, 0))[0]:  # the whole latent's, not a crop's
+            run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
         self.record(level, grid, part, chunk_frames(extra, samples), used_map=importance is not None,
                     row_group=row_sample)
         return LevelMerge(part, mode)

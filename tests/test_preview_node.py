@@ -39,7 +39,8 @@ def preview_graph(g, model, images, step=-1, level="first", opacity=1.0):
     g.add("HostTestImageStats", "merge_map", images=out[1])
 
 
-def image_graph(merge=SIMPLE, batch=2, size=128, steps=4, step=-1, opacity=1.0, advanced=False, cfg=5.0, seed=7):
+def image_graph(merge=SIMPLE, batch=2, size=128, steps=4, step=-1, opacity=1.0, advanced=False, cfg=5.0, seed=7,
+                sampler="euler"):
     g = Graph()
     tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
     node = "ITM_ImportanceTokenMergingAdvanced" if advanced else "ITM_ImportanceTokenMerging"
@@ -47,7 +48,7 @@ def image_graph(merge=SIMPLE, batch=2, size=128, steps=4, step=-1, opacity=1.0, 
     probe = g.add("HostTestAttnProbe", "probe", model=model)
     empty = g.add("EmptyLatentImage", width=size, height=size, batch_size=batch)
     sampled = g.add("KSampler", "sampler", model=probe[0], positive=tiny[1], negative=tiny[2], latent_image=empty[0],
-                    seed=seed, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal", denoise=1.0)
+                    seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler="normal", denoise=1.0)
     g.add("HostTestLatentStats", "out", samples=sampled[0])
     preview_graph(g, model, decoded(g, sampled), step=step, opacity=opacity)
     return g
@@ -209,3 +210,32 @@ def test_live_preview_sends_the_latest_step_to_the_merging_node(comfy, monkeypat
     assert png.format == "PNG" and png.size[0] > png.size[1] > 100  # importance | merge map side by side
     run = last_run()
     assert run.preview_seconds > 0
+
+
+def test_area_conditioning_shows_the_whole_latent(comfy, monkeypatch):
+    """An area cond runs on a crop of the latent, often before the full-size uncond: the pictures (and the live
+    preview's token count) are the whole latent's, not the crop's."""
+    preview = H.pack_module("nodes.preview")
+    server = RecordingServer()
+    monkeypatch.setattr(preview, "prompt_server", lambda: server)
+    g = image_graph(batch=1)
+    area = g.add("ConditioningSetArea", conditioning=["1", 1], width=64, height=64, x=64, y=64, strength=1.0)
+    g.prompt["sampler"]["inputs"]["positive"] = area[0]
+    H.run_prompt(g.prompt)
+    time.sleep(1.0)
+    run = last_run()
+    grid = H.pack_module("merging").TokenGrid
+    assert all(p.grids == {0: grid(16, 16)} for p in run.previews.values())
+    assert run.tokens == {0: (256, 128)}
+    assert {(d["tokens"], d["kept"]) for _, d, _ in server.messages} == {(256, 128)}
+    assert colour_share(pictures("merge_map")[0], BLUE) == pytest.approx(0.5)
+
+
+def test_every_model_evaluation_of_a_second_order_sampler_gets_its_step(comfy):
+    """heun evaluates the model twice per step, the second time at the next step's sigma: 4 steps = 7 evaluations,
+    each its own preview step (and its own partition)."""
+    H.run_prompt(image_graph(steps=4, sampler="heun").prompt)
+    run = last_run()
+    assert run.maps_captured == 7
+    assert sorted(run.previews) == list(range(7))
+    assert run.evaluations_with_map == 6 and run.evaluations_without_map == 1

@@ -4,8 +4,9 @@
   sampling run of a model into two IMAGE batches (importance map; kept / destination / merged tokens), one picture
   per sampled image or video frame, drawn over the decoded images.
 * :class:`LivePreview` is attached by the merging nodes: while a sampler runs, it sends each finished model
-  evaluation's pictures (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``, which only queues the message
-  for the server's event loop), at most every ``interval`` seconds plus one trailing message for the last step.
+  evaluation's pictures (first image of the batch) to the web UI as a ComfyUI server message (``send_sync``,
+  which only queues the message for the server's event loop), at most every ``interval`` seconds plus one trailing
+  message for the last step.
   ``web/importance_tome.js`` shows them on the merging node. The picture is drawn and encoded on another thread;
   the sampling thread only takes a snapshot of the step's first frame. Without a running ComfyUI server (scripts,
   tests) it does nothing.
@@ -170,7 +171,8 @@ class MergePreview:
             "step": ("INT", {"default": -1, "min": -10000, "max": 10000,
                              "tooltip": "Which model evaluation of the run to show: 0 = the first, -1 = the last one "
                                         "that merged, -2 the one before, ... (samplers like heun evaluate the model "
-                                        "twice per step). A step outside the active range shows the nearest merged one."}),
+                                        "twice per step). A step outside the active range shows the nearest "
+                                        "merged one."}),
             "level": (list(SITE_CHOICES), {"default": "first",
                                            "tooltip": "The UNet level whose tokens are shown: first = the highest-"
                                                       "resolution merged level."}),

@@ -10,7 +10,8 @@ merged; everything here is the same for every family:
   sampling of the model *being sampled* (a ModelSampling node placed after the merging node counts), not when the
   node runs.
 * **Model calls and steps.** A *forward* is one pass of the diffusion model (the adapter gives a token that is new for
-  every pass); a *step* is one model evaluation (one sigma), which ComfyUI may spread over several forwards: cond and
+  every pass); a *step* is one model evaluation (on current ComfyUI one call of the guider's ``predict_noise``,
+  marked by a ``PREDICT_NOISE`` wrapper; on the 2024 host one sigma), which ComfyUI may spread over several forwards: cond and
   uncond in separate calls when memory is short, context windows, tiled wrappers. Merges are kept per step and
   shared by the forwards of that step that serve other cond chunks, so an image does not depend on how ComfyUI
   batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
@@ -117,7 +118,7 @@ class RunState:
         self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
         self.last_sigma: Optional[float] = None
         self.step = -1  # index of the current model evaluation in this run
-        self.evaluation_done = False  # the post-cfg hook ran: the next forward starts a new evaluation
+        self.evaluation_started = False  # the guider started a model evaluation (predict_noise wrapper)
         self.forward: object = None  # token of the current forward (the adapter's, compared by identity)
         self.call_active = False
         self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
@@ -209,11 +210,11 @@ class MergeRuntime:
             return run
         sigmas = extra.get("sigmas")
         sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
-        # a new model evaluation: the sampler's post-cfg hook closed the last one (heun and other second-order
-        # samplers evaluate twice per step, the second time at the next step's sigma), or sigma changed (hosts or
-        # guiders that skip the hook)
-        new_step = run.evaluation_done or sigma != run.last_sigma
-        run.evaluation_done = False
+        # a new model evaluation: the guider's predict_noise started one (current ComfyUI; heun and other second-order
+        # samplers evaluate twice per step, the second time at the next step's sigma; an extra SAG pass inside an
+        # evaluation is not a new one), or sigma changed (the 2024 host)
+        new_step = run.evaluation_started or sigma != run.last_sigma
+        run.evaluation_started = False
         if not self.managed and run.last_sigma is not None and sigma is not None and sigma > run.last_sigma * (1 + 1e-4):
             self.finish_run()  # sigma went up: a new sampling run on a host without run wrappers
             run = self.run
@@ -280,7 +281,8 @@ class MergeRuntime:
     def record(self, site: int, grid: TokenGrid, part: Partition, frames: List[int], used_map: bool,
                row_group: Optional[torch.Tensor] = None) -> None:
         """Keep this step's roles at ``site`` for ``frames`` (the samples of the chunk, in order; ``row_group`` maps
-        them to the partition's rows when frames share one) and the map the step used. First come, first kept."""
+        them to the partition's rows when frames share one) and the map the step used. Per frame the first record is
+        kept; a larger grid at the same site (the whole latent after an area cond's crop) replaces a smaller one."""
         started = time.perf_counter()
         try:
             self._record(site, grid, part, frames, used_map, row_group)
@@ -293,7 +295,8 @@ class MergeRuntime:
         if preview is None:
             preview = run.summary.previews[run.step] = StepPreview(run.step, run.last_sigma)
         known = preview.grids.get(site)
-        if known is None or grid.num_tokens > known.num_tokens:  # the largest grid at a site is the whole latent's (an area cond's crop may come first)
+        if known is None or grid.num_tokens > known.num_tokens:
+            # the largest grid at a site is the whole latent's (an area cond's crop may come first)
             preview.grids[site] = grid
             preview.roles[site] = {}
         elif known != grid:
@@ -312,11 +315,10 @@ class MergeRuntime:
 
     def capture(self, args: dict) -> None:
         run = self.run
-        run.evaluation_done = True  # runs once per model evaluation, after all its cond chunks
         preview = run.summary.previews.get(run.step)
         if self.live is not None and preview is not None and preview.roles:
             started = time.perf_counter()
-            self.live(self, preview)  # the evaluation is complete: every cond chunk and crop has been recorded
+            self.live(self, preview)  # the evaluation's cond chunks and crops have all been recorded
             run.summary.preview_seconds += time.perf_counter() - started
         cond, uncond = args.get("cond_denoised"), args.get("uncond_denoised")
         if not isinstance(cond, torch.Tensor) or not isinstance(uncond, torch.Tensor) or cond.ndim not in (4, 5):
@@ -406,10 +408,18 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original
 
 
+def predict_noise_wrapper(executor, *args, **kwargs):
+    """Current ComfyUI: marks the start of each model evaluation (one call of the guider's predict_noise)."""
+    runtime = runtime_of(getattr(executor.class_obj, "model_options", {}).get("transformer_options", {}))
+    if runtime is not None:
+        runtime.run.evaluation_started = True
+    return executor(*args, **kwargs)
+
+
 def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
     """Put ``runtime`` on a cloned model with the capture hook and (current ComfyUI) the per-run wrapper."""
     patched.model_options.setdefault("transformer_options", {})[KEY] = runtime
-    # also with importance = random: the hook marks the end of each model evaluation
+    # also with importance = random: the hook hands each finished evaluation to the live preview
     force = settings.importance == "cfg" and settings.cfg1_mode == "force_uncond"
     patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
     if force:
@@ -417,5 +427,8 @@ def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
     if hasattr(patched, "add_wrapper_with_key"):
         import comfy.patcher_extension  # noqa: PLC0415
 
-        patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, outer_sample_wrapper)
+        wrappers = comfy.patcher_extension.WrappersMP
+        for kind, wrapper in ((wrappers.OUTER_SAMPLE, outer_sample_wrapper),
+                              (wrappers.PREDICT_NOISE, predict_noise_wrapper)):
+            patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+            patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)

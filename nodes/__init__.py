@@ -1,4 +1,5 @@
-"""ComfyUI glue: node classes and one adapter per model family (only :mod:`.unet` so far)."""
+"""ComfyUI glue: node classes, the family-neutral runtime and one adapter per model family (:mod:`.unet`,
+:mod:`.wan`)."""
 from .demo_model import DemoModelLoader
 from .image_nodes import NODE_CLASS_MAPPINGS as _IMAGE_NODES
 from .image_nodes import NODE_DISPLAY_NAME_MAPPINGS as _IMAGE_NAMES

@@ -44,6 +44,32 @@ class FramePartition:
         roles = self.frame_part.roles
         return roles.reshape(roles.shape[0] // self.frames, -1)
 
+    @property
+    def kept_tokens(self) -> Optional[torch.Tensor]:
+        """[B, frames * (N - r)] long: the token (index in the whole ``(t h w)`` sequence) each slot stands for (its
+        kept token: a destination or an independent one), frame by frame; None for an identity partition."""
+        kept = self.frame_part.kept_tokens
+        if kept is None:
+            return None
+        rows, per_frame = kept.shape
+        offsets = torch.arange(self.frames, device=kept.device) * self.frame_part.sizes.num_tokens
+        return (kept.reshape(rows // self.frames, self.frames, per_frame) + offsets[None, :, None]).reshape(
+            rows // self.frames, -1)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-token data that travels with the tokens (RoPE frequencies, per-token modulation): [B or 1, frames * N,
+        ...] → [B, frames * (N - r), ...], each slot taking its kept token's entry."""
+        kept = self.kept_tokens
+        if kept is None:
+            return t
+        if t.shape[1] != self.sizes.num_tokens:
+            raise ValueError(f"expected {self.sizes.num_tokens} tokens along dim 1, got {tuple(t.shape)}")
+        batch = kept.shape[0]
+        if t.shape[0] == 1 and batch > 1:
+            t = t.expand(batch, *t.shape[1:])
+        index = kept.reshape(batch, -1, *([1] * (t.ndim - 2))).expand(batch, kept.shape[1], *t.shape[2:])
+        return t.gather(1, index)
+
     def take_rows(self, index: torch.Tensor) -> "FramePartition":
         """This partition on another batch: row ``i`` of the result is (sample) row ``index[i]`` of this one."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.frame_part.row_sample.device)

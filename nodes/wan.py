@@ -1,17 +1,20 @@
 """Adapter for ComfyUI's WAN 2.x video DiT (``WanModel``: WAN 2.1 t2v / i2v, WAN 2.2 14B and 5B). Current ComfyUI only.
 
-Merge site: the self-attention core of every block, through ComfyUI's attention override
-(``transformer_options["optimized_attention_override"]``, ComfyUI >= 0.3.60). WAN applies RoPE to queries and keys
-before that call, so positions travel with the tokens for free, and nothing else in the block (modulation, the
-per-token timesteps of WAN 2.2 5B, cross-attention, the FFN) sees the merged count. Tokens are ``(t h w)`` on the
-``grid_sizes`` grid that WanModel puts in ``transformer_options``; they merge only inside their own latent frame
-(:func:`merging.frame_partition`). The first attention call of each block is its self-attention (WAN runs
-cross-attention second); a call whose query, key and value lengths are not the grid's token count is left alone
-(reference-latent tokens, cross-attention).
+Tokens are ``(t h w)`` on the ``grid_sizes`` grid that WanModel puts in ``transformer_options``; they merge only inside
+their own latent frame (:func:`merging.frame_partition`). Two merge sites (``scope``):
 
-One partition per step and sample (computed from the keys of the first block, shared by every block and by cond and
-uncond whatever the call layout, as for UNets); ``partition_reuse = block`` computes one per block. Another
-attention override set before this node (e.g. a faster kernel) is kept and called with the merged tokens.
+* ``attention`` (default): the self-attention core of every block, through ComfyUI's attention override
+  (``transformer_options["optimized_attention_override"]``, ComfyUI >= 0.3.60). WAN applies RoPE to queries and keys
+  before that call, so positions travel with the tokens for free, and nothing else in the block (modulation, the
+  per-token timesteps of WAN 2.2 5B, cross-attention, the FFN) sees the merged count. The first attention call of
+  each block is its self-attention (WAN runs cross-attention second); a call whose query, key and value lengths are
+  not the grid's token count is left alone (reference-latent tokens). Another override set before this node (e.g. a
+  faster kernel) is kept and called with the merged tokens.
+* ``transformer``: every whole block runs on the merged image tokens (:class:`BlockMerge`, a
+  ``patches_replace["dit"]`` block replacement), RoPE frequencies and per-token modulation gathered with the tokens.
+
+One partition per step and sample (from the keys, or the input, of the first block), shared by every block and by
+cond and uncond whatever the call layout, as for UNets; ``partition_reuse = block`` computes one per block.
 """
 from __future__ import annotations
 
@@ -47,40 +50,65 @@ class WanRuntime(MergeRuntime):
         self._block_marker = None  # (transformer_options, block_index) of the last attention call
 
     def plan(self, q, k, v, kwargs: dict, extra: dict) -> Optional[LevelMerge]:
-        """The merge for this attention call, or None to run it as it is."""
-        block = extra.get("block_index")
-        grid_sizes = extra.get("grid_sizes")
-        if block is None or grid_sizes is None or len(grid_sizes) != 3:
+        """The merge for this attention call (``scope = attention``), or None to run it as it is."""
+        run = self._forward(extra)
+        if run is None:
             return None
-        run = self.begin_forward(extra, extra)  # a forward = one transformer_options dict (a new one per call)
-        marker, self._block_marker = self._block_marker, (extra, block)
-        if marker is not None and marker[0] is extra and marker[1] == block:
+        marker, self._block_marker = self._block_marker, (extra, extra["block_index"])
+        if marker is not None and marker[0] is extra and marker[1] == extra["block_index"]:
             return None  # the block's second attention call: cross-attention
         if not run.call_active:
             return None
         if kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape") or kwargs.get("mask") is not None:
             self.note("layout", "self-attention called with another tensor layout or a mask; left unmerged")
             return None
-        frames, height, width = (int(s) for s in grid_sizes)
-        grid = TokenGrid(height, width, frames)
-        if any(t.ndim != 3 or t.shape[1] != grid.num_tokens for t in (q, k, v)):
-            self.note("tokens", "self-attention has %d tokens but the latent grid %dx%dx%d has %d (reference "
-                      "tokens?); left unmerged", q.shape[1], frames, height, width, grid.num_tokens)
+        if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or not q.shape[1] == k.shape[1] == v.shape[1]:
+            return self._refuse(q.shape[1], extra)
+        return self._site_merge("self", k, extra)
+
+    def plan_block(self, x: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
+        """The merge of a whole block's image tokens (``scope = transformer``), or None to run it unmerged."""
+        run = self._forward(extra)
+        if run is None or not run.call_active:
             return None
+        if x.ndim != 3:
+            return None
+        return self._site_merge("block", x, extra)
+
+    def _forward(self, extra: dict):
+        """The run, after the forward's bookkeeping, for a call inside a WAN block; None elsewhere."""
+        grid_sizes = extra.get("grid_sizes")
+        if extra.get("block_index") is None or grid_sizes is None or len(grid_sizes) != 3:
+            return None
+        return self.begin_forward(extra, extra)  # a forward = one transformer_options dict (a new one per call)
+
+    def _site_merge(self, kind: str, metric: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
+        """This forward's merge of ``metric``'s tokens (keys or block input) on the latent grid, cached per forward."""
+        frames, height, width = (int(v) for v in extra["grid_sizes"])
+        grid = TokenGrid(height, width, frames)
+        if metric.shape[1] != grid.num_tokens:
+            return self._refuse(metric.shape[1], extra)
         self._fallbacks_once()
-        key = ("self", block if self.settings.partition_reuse == "block" else None, frames, height, width, q.shape[0])
+        block = extra["block_index"] if self.settings.partition_reuse == "block" else None
+        key = (kind, block, frames, height, width, metric.shape[0])
+        run = self.run
         if key not in run.partitions:
-            run.partitions[key] = self._forward_merge(k, extra, grid, key)
+            run.partitions[key] = self._forward_merge(metric, extra, grid, key)
         return run.partitions[key]
+
+    def _refuse(self, tokens: int, extra: dict) -> None:
+        frames, height, width = (int(v) for v in extra["grid_sizes"])
+        self.note("tokens", "%d tokens where the latent grid %dx%dx%d has %d (reference tokens?); left unmerged",
+                  tokens, frames, height, width, frames * height * width)
+        return None
 
     def _fallbacks_once(self) -> None:
         s = self.settings
-        if s.scope == "transformer":
-            self.note("scope", "scope = transformer is not available on WAN yet: merging the self-attention only")
         if s.tiles != "1x1" or s.temporal_ratio > 0 or s.merge_cross_attn:
             self.note("unet-only", "tiles, temporal_ratio and merge_cross_attn apply to UNet models; ignored on WAN")
 
     def _forward_merge(self, k: torch.Tensor, extra: dict, grid: TokenGrid, key) -> Optional[LevelMerge]:
+        """This forward's merge (``k``: the rows' features, keys or block inputs), from the step's per-sample one."""
         chunks = len(extra.get("cond_or_uncond") or [0]) or 1
         if k.shape[0] % chunks:
             self.note("rows", "batch of %d rows does not split into %d cond chunks; left unmerged", k.shape[0], chunks)
@@ -164,8 +192,47 @@ class SelfAttentionOverride:
         return part.unmerge(out)
 
 
+class BlockMerge:
+    """``patches_replace["dit"][("double_block", i)]`` (``scope = transformer``): the whole block (self-attention,
+    cross-attention, FFN) runs on the merged image tokens, and every token adds its slot's update to its own input:
+    ``x + unmerge(block(merge(x)) - merge(x))``. RoPE frequencies and per-token modulation (WAN 2.2 5B) travel with the
+    tokens (each slot takes its kept token's); per-frame modulation needs nothing, since slots stay in frame order."""
+
+    def __init__(self, previous=None) -> None:
+        self.previous = previous  # another node's replacement of this block: called with the merged tokens
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        def run_block(block_args):
+            if self.previous is not None:
+                return self.previous(block_args, extra)
+            return extra["original_block"](block_args)
+
+        options = args.get("transformer_options") or {}
+        runtime = runtime_of(options)
+        x = args.get("img")
+        plan = runtime.plan_block(x, options) if isinstance(runtime, WanRuntime) and x is not None else None
+        if plan is None:
+            return run_block(args)
+        part = plan.partition
+        merged = part.merge(x, plan.mode)
+        block_args = dict(args, img=merged)
+        for name in ("vec", "pe"):
+            value = args.get(name)
+            if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == x.shape[1]:
+                block_args[name] = part.gather(value)  # per token: each slot takes its kept token's
+        out = run_block(block_args)
+        runtime.run.summary.merged_calls += 1
+        return dict(out, img=x + part.unmerge(out["img"] - merged))
+
+
 def _remove_ours(patcher) -> None:
     options = patcher.model_options.setdefault("transformer_options", {})
+    blocks = options.get("patches_replace", {}).get("dit")
+    if blocks:
+        options["patches_replace"] = dict(options["patches_replace"])
+        options["patches_replace"]["dit"] = {key: (p.previous if isinstance(p, BlockMerge) else p)
+                                             for key, p in blocks.items()
+                                             if not (isinstance(p, BlockMerge) and p.previous is None)}
     override = options.get(OVERRIDE)
     if isinstance(override, SelfAttentionOverride):
         if override.previous is None:
@@ -184,5 +251,11 @@ def apply(model, settings: MergeSettings, live=None):
     _remove_ours(patched)
     attach(patched, WanRuntime(settings, patched.model, live=live), settings)
     options = patched.model_options["transformer_options"]
-    options[OVERRIDE] = SelfAttentionOverride(options.get(OVERRIDE))
+    if settings.scope == "transformer":
+        blocks = options.get("patches_replace", {}).get("dit", {})
+        for index in range(len(patched.model.diffusion_model.blocks)):
+            previous = blocks.get(("double_block", index))
+            patched.set_model_patch_replace(BlockMerge(previous), "dit", "double_block", index)
+    else:
+        options[OVERRIDE] = SelfAttentionOverride(options.get(OVERRIDE))
     return patched

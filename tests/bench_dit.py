@@ -12,7 +12,9 @@ batch inside ComfyUI's own sampler after the first step (importance capture and 
 interleaved after a warm-up round; medians with min–max over reps × timed steps.
 
 Also reported: the share of an unmerged evaluation spent in the self-attention kernel (timed through ComfyUI's
-attention override) and the ideal speed-up of merging there (kernel × (1 − (1 − r)²)); achieved / ideal.
+attention override) and the ideal speed-up of each site: attention, kernel × (1 − (1 − r)²); transformer (whole
+blocks, ``--scopes attention,transformer``), that plus the rest × r, an upper bound since the rest also holds the
+embeddings and the head; achieved / ideal.
 Writes <out>/speed_wan_<host>_<device>[_sdpa].md and .csv.
 """
 from __future__ import annotations
@@ -77,6 +79,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="sampler steps per run; the first is not timed")
     parser.add_argument("--attention", choices=("default", "sdpa"), default="default")
+    parser.add_argument("--scopes", default="attention",
+                        help="merge sites: attention (self-attention kernel), transformer (whole blocks)")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
     args = parser.parse_args(argv)
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0]
@@ -104,10 +108,12 @@ def main(argv=None) -> int:
         model, positive, negative = build_wan(args.layers)
         methods = [("none", 0.0, model)]
         for ratio in ratios:
-            for importance in ("random", "cfg"):
-                (patched,) = node.patch(model, ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
-                                        levels="auto", scope="attention")
-                methods.append((f"itm-{importance}", ratio, patched))
+            for scope in args.scopes.split(","):
+                for importance in ("random", "cfg"):
+                    (patched,) = node.patch(model, ratio=ratio, importance=importance, start_percent=0.0,
+                                            end_percent=1.0, levels="auto", scope=scope)
+                    suffix = "-transformer" if scope == "transformer" else ""
+                    methods.append((f"itm-{importance}{suffix}", ratio, patched))
         label = f"{arch}@{size} ({args.layers} blocks, {tokens} tokens)"
         print(f"[{label}] warm-up", flush=True)  # noqa: T201
         bench_speed.sample_steps(model, positive, negative, latent, steps=2)
@@ -123,7 +129,12 @@ def main(argv=None) -> int:
         base = statistics.median(times[("none", 0.0)])
         for (name, ratio), values in times.items():
             med = statistics.median(values)
-            ideal = share * (1 - (1 - ratio) ** 2) if name != "none" else 0.0
+            if name == "none":
+                ideal = 0.0
+            elif name.endswith("-transformer"):  # upper bound: everything but the kernel counted as block work
+                ideal = share * (1 - (1 - ratio) ** 2) + (1 - share) * ratio
+            else:
+                ideal = share * (1 - (1 - ratio) ** 2)
             rows.append({
                 "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,
                 "s_per_eval": bench_speed.fmt(values), "median_s": round(med, 3),
@@ -142,7 +153,7 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     lines = [f"# WAN speed: {info['host']}, {device}, attention {backend}", "",
              f"`{' '.join(['tests/bench_dit.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
-             "| model | method | ratio | s / eval (median, min–max) | speed-up | ideal (self-attn kernel) | "
+             "| model | method | ratio | s / eval (median, min–max) | speed-up | ideal of the site | "
              "achieved / ideal | kernel share |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} ({r['blocks']} blocks, {r['tokens']} tokens) | {r['method']} | {r['ratio']} | "

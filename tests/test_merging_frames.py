@@ -68,3 +68,19 @@ def test_bad_shapes_are_refused():
     part = frame_partition(torch.randn(1, 8, 4), TokenGrid(2, 2, frames=2), RandomGridConfig(0.5))
     with pytest.raises(ValueError, match=r"expected a \[B, 8, C\]"):
         part.merge(torch.randn(1, 6, 4))
+
+
+def test_kept_tokens_and_gather_carry_per_token_data():
+    grid = TokenGrid(2, 4, frames=3)
+    metric = torch.randn(2, grid.num_tokens, 4, generator=torch.Generator().manual_seed(6))
+    part = frame_partition(metric, grid, RandomGridConfig(0.5), generator=torch.Generator().manual_seed(7))
+    kept = part.kept_tokens
+    assert kept.shape == (2, 12)
+    # slots are frame-ordered and hold tokens of their own frame
+    assert torch.equal(kept // 8, torch.arange(3).repeat_interleave(4).expand(2, -1))
+    positions = torch.arange(24.0).reshape(1, 24, 1, 1).expand(1, 24, 1, 2)  # like RoPE freqs [1, L, 1, d]
+    gathered = part.gather(positions)
+    assert gathered.shape == (2, 12, 1, 2) and torch.equal(gathered[..., 0, 0], kept.float())
+    # prune-merging the token index itself gives the same answer
+    index = torch.arange(24.0)[None, :, None].expand(2, 24, 1).contiguous()
+    assert torch.equal(part.merge(index, "prune")[..., 0], kept.float())

@@ -95,12 +95,6 @@ def test_joint_and_split_cond_uncond_calls_agree(comfy, monkeypatch, batch):
     assert torch.allclose(joint, split, atol=1e-4, rtol=1e-4), float((joint - split).abs().max())
 
 
-def test_scope_transformer_falls_back_with_a_note(comfy):
-    H.run_prompt(wan_graph(merge=dict(SIMPLE, scope="transformer")).prompt)
-    run = last_run()
-    assert run.tokens == {0: (36, 18)} and any("scope = transformer" in f for f in run.fallbacks)
-
-
 def test_another_attention_override_is_kept(comfy):
     """An override set before the merging node (here the recorder) still runs, on the merged tokens."""
     H.run_prompt(wan_graph().prompt)
@@ -123,3 +117,50 @@ def test_preview_shows_every_decoded_frame(comfy):
     assert torch.equal(merge[1], merge[4]) and torch.equal(merge[5], merge[8]) and torch.equal(merge[10], merge[13])
     assert not torch.equal(merge[0], merge[1]) or not torch.equal(merge[1], merge[5])
     assert not torch.equal(importance[0], importance[9])  # each sample its own map
+
+
+def test_scope_transformer_runs_whole_blocks_on_merged_tokens(comfy):
+    """Self- and cross-attention both see the merged 18 image tokens; RoPE freqs travel with them; the video stays
+    close to the unmerged one."""
+    H.run_prompt(wan_graph(merge=None, steps=4).prompt)
+    reference = latent("out").clone()
+    H.run_prompt(wan_graph(merge=dict(SIMPLE, scope="transformer"), steps=4).prompt)
+    merged = latent("out").clone()
+    assert torch.isfinite(merged).all()
+    relative = float((merged - reference).norm() / reference.norm())
+    assert 1e-5 < relative < 0.5, relative
+    seen = calls()
+    assert {c["q"] for c in seen} == {18}  # self (18 x 18) and cross (18 x 16 text tokens) attention
+    assert {c["k"] for c in seen} == {18, 16}
+    run = last_run()
+    assert run.tokens == {0: (36, 18)} and run.merged_calls == 4 * 2 and run.fallbacks == []
+
+
+def test_scope_transformer_with_per_token_data_gathers_it(comfy):
+    """The block replacement gathers per-token tensors (RoPE freqs [1, L, ...], per-token modulation [B, L, 6, D])."""
+    wan = H.pack_module("nodes.wan")
+    merging = H.pack_module("merging")
+    grid = merging.TokenGrid(2, 4, frames=2)
+    metric = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    part = merging.frame_partition(metric, grid, merging.RandomGridConfig(0.5))
+    seen = {}
+
+    def original(args):
+        seen.update(args)
+        return {"img": args["img"] + 1.0}
+
+    class Runtime(wan.WanRuntime):
+        def plan_block(self, x, extra):
+            return wan.LevelMerge(part, "mean")
+
+    settings = H.pack_module("nodes.settings").MergeSettings(scope="transformer")
+    runtime = Runtime(settings)
+    x = torch.randn(1, 16, 8)
+    freqs = torch.arange(16.0).reshape(1, 16, 1, 1)
+    vec = torch.arange(16.0).reshape(1, 16, 1, 1).expand(1, 16, 6, 8)
+    out = wan.BlockMerge()({"img": x, "pe": freqs, "vec": vec, "txt": None,
+                            "transformer_options": {"importance_tome": runtime}}, {"original_block": original})
+    kept = part.kept_tokens.float()
+    assert torch.equal(seen["pe"][:, :, 0, 0], kept) and torch.equal(seen["vec"][:, :, 0, 0], kept)
+    assert seen["img"].shape == (1, 8, 8)
+    torch.testing.assert_close(out["img"], x + 1.0)  # every token got its slot's update (+1)

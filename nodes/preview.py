@@ -81,6 +81,8 @@ class LivePreview:
         self._last = 0.0
         self._pending = None
         self._timer: Optional[threading.Timer] = None
+        self._sequence = 0  # messages handed over, in step order
+        self._sent = 0  # the newest message sent
 
     def __deepcopy__(self, memo):  # model options may be deep-copied (2024 host): one sender per node
         return self
@@ -89,6 +91,9 @@ class LivePreview:
         if prompt_server() is None:
             return
         # a snapshot of the first frame of the first merge site now; drawn and sent on another thread
+        client = getattr(prompt_server(), "client_id", None)
+        if client is None:
+            return  # a prompt queued without a client (the API): nobody to show it to
         site = min(preview.roles)
         frame = min(preview.roles[site])
         row = preview.roles[site][frame]
@@ -97,8 +102,9 @@ class LivePreview:
         snapshot = StepPreview(preview.step, preview.sigma,
                                None if quantised is None else quantised[frame:frame + 1],
                                {site: preview.grids[site]}, {site: {0: preview.roles[site][frame]}})
-        message = (snapshot, site, tokens, kept)
         with self._lock:
+            self._sequence += 1
+            message = (self._sequence, snapshot, site, tokens, kept, client)
             now = time.monotonic()
             if now - self._last < self.interval:
                 self._pending = message  # sent by the trailing timer unless a newer step replaces it
@@ -108,6 +114,7 @@ class LivePreview:
                     self._timer.start()
                 return
             self._last = now
+            self._pending = None  # this newer step supersedes a pending one (a due timer then sends nothing)
         # drawn and encoded off the sampling thread: the sampler only pays for the snapshot above
         threading.Thread(target=self._send, args=message, daemon=True, name="itm-live-preview").start()
 
@@ -118,10 +125,14 @@ class LivePreview:
         if message is not None:
             self._send(*message)
 
-    def _send(self, preview: StepPreview, site: int, tokens: int, kept: int) -> None:
+    def _send(self, sequence: int, preview: StepPreview, site: int, tokens: int, kept: int, client) -> None:
         server = prompt_server()
         if server is None:
             return
+        with self._lock:
+            if sequence <= self._sent:
+                return  # a newer step was sent already (threads may finish out of order)
+            self._sent = sequence
         try:
             grid = preview.grids[site]
             scale = max(1, self.size // max(grid.height, grid.width))
@@ -141,7 +152,7 @@ class LivePreview:
                 "kept": kept,
                 "has_map": preview.importance is not None,
             }
-            server.send_sync(EVENT, data, getattr(server, "client_id", None))
+            server.send_sync(EVENT, data, client)
         except Exception as err:  # a preview must never stop sampling
             log.warning("Importance Token Merging: live preview not sent (%s: %s)", type(err).__name__, err)
 
@@ -175,7 +186,7 @@ class MergePreview:
                                         "merged one."}),
             "level": (list(SITE_CHOICES), {"default": "first",
                                            "tooltip": "The UNet level whose tokens are shown: first = the highest-"
-                                                      "resolution merged level."}),
+                                                      "resolution merged level (WAN has one: first)."}),
             "opacity": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "How strongly the maps cover the images: 1 = the maps only, 0 = the "
                                              "images only."}),

@@ -1,6 +1,6 @@
 """Family-neutral run bookkeeping: per-run state, CFG importance capture, model-call and step detection.
 
-A model-family adapter (``nodes/unet.py`` for UNets) subclasses :class:`MergeRuntime` and decides where tokens are
+A model-family adapter (``nodes/unet.py`` for UNets, ``nodes/wan.py`` for WAN) subclasses :class:`MergeRuntime` and decides where tokens are
 merged; everything here is the same for every family:
 
 * **Runs.** Per-run state lives in ``model_options["transformer_options"][KEY]``. On current ComfyUI an
@@ -47,8 +47,8 @@ class StepPreview:
 
     step: int  # index of the model evaluation in its run (0 = first; samplers like heun evaluate twice per step)
     sigma: Optional[float]
-    importance: Optional[torch.Tensor] = None  # [S, H, W] uint8 (quantise_map) of the map this step used; None = none
-    grids: Dict[int, TokenGrid] = field(default_factory=dict)  # merge site (UNet level) -> its token grid
+    importance: Optional[torch.Tensor] = None  # [S, H, W] / [S, T, H, W] uint8 (quantise_map) of the step's map, or None
+    grids: Dict[int, TokenGrid] = field(default_factory=dict)  # merge site (UNet level; WAN: 0) -> its token grid
     roles: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict)  # site -> {sample/frame: [N] TokenRole}
 
 
@@ -112,7 +112,7 @@ class RunState:
         self.generator = torch.Generator()
         self.generator.manual_seed(settings.seed)
         self.bounds: Optional[Tuple[float, float]] = None  # (sigma_start, sigma_end), resolved at the first call
-        self.map: Optional[torch.Tensor] = None  # [b, H, W] from the previous evaluation
+        self.map: Optional[torch.Tensor] = None  # [b, H, W] (video DiTs: [b, T, H, W]) from the previous evaluation
         self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no map will come
         self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
         self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
@@ -124,6 +124,7 @@ class RunState:
         self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
         self.partitions: Dict[object, Optional[LevelMerge]] = {}  # this forward's merges (rows of this forward)
         self.block: Optional[LevelMerge] = None  # merge of the block being run (between patch and output patch)
+        self.site_marker: object = None  # the adapter's marker of its last merge-site call (WAN: forward, block)
         self.logged: set = set()
 
 
@@ -362,15 +363,19 @@ def window_frames(extra: dict, full_length: int, samples: int) -> Optional[list]
 
 def chunk_frames(extra: dict, samples: int) -> List[int]:
     """Which samples (video frames) of the whole latent batch the ``samples`` rows of a chunk are: the context
-    window's frames when ComfyUI or AnimateDiff-Evolved runs one, else ``0 .. samples - 1``."""
+    window's frames when ComfyUI or AnimateDiff-Evolved runs one, else ``0 .. samples - 1``. The window objects
+    outlive the windowed call, so a window is only believed when its length matches and its indices fit its total."""
     window = extra.get("context_window")
     if window is not None and getattr(window, "dim", 0) == 0:
         index = list(getattr(window, "index_list", None) or [])
-        if len(index) == samples:
+        total = getattr(window, "total_frames", None)
+        if len(index) == samples and (total is None or max(index) < total):
             return [int(i) for i in index]
     params = extra.get("ad_params")
     if isinstance(params, dict) and params.get("sub_idxs") is not None and len(params["sub_idxs"]) == samples:
-        return [int(i) for i in params["sub_idxs"]]
+        full = params.get("full_length")
+        if full is None or max(params["sub_idxs"]) < full:
+            return [int(i) for i in params["sub_idxs"]]
     return list(range(samples))
 
 
@@ -428,7 +433,10 @@ def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
         import comfy.patcher_extension  # noqa: PLC0415
 
         wrappers = comfy.patcher_extension.WrappersMP
-        for kind, wrapper in ((wrappers.OUTER_SAMPLE, outer_sample_wrapper),
-                              (wrappers.PREDICT_NOISE, predict_noise_wrapper)):
+        # PREDICT_NOISE came after OUTER_SAMPLE: without it, evaluations are told apart by sigma (as on the 2024 host)
+        for kind, wrapper in ((getattr(wrappers, "OUTER_SAMPLE", None), outer_sample_wrapper),
+                              (getattr(wrappers, "PREDICT_NOISE", None), predict_noise_wrapper)):
+            if kind is None:
+                continue
             patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
             patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)

@@ -18,7 +18,6 @@ cond and uncond whatever the call layout, as for UNets; ``partition_reuse = bloc
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -27,8 +26,6 @@ from ..merging import TokenGrid, frame_partition, pool_to_grid
 from .runtime import KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_ids, runtime_of
 from .settings import MergeSettings
 
-log = logging.getLogger("comfyui_importance_tome")
-
 OVERRIDE = "optimized_attention_override"
 SITE = 0  # one merge site: the self-attention of every block (the preview's "level")
 
@@ -36,8 +33,11 @@ SITE = 0  # one merge site: the self-attention of every block (the preview's "le
 def supports(model) -> bool:
     """True for ComfyUI's WanModel itself (subclasses such as VACE or S2V run other blocks: not yet)."""
     try:
-        from comfy.ldm.wan.model import WanModel  # noqa: PLC0415 (host module; absent on the 2024 ComfyUI)
+        from comfy.ldm.modules import attention  # noqa: PLC0415 (host modules)
+        from comfy.ldm.wan.model import WanModel  # noqa: PLC0415 (absent on the 2024 ComfyUI)
     except ImportError:
+        return False
+    if not hasattr(attention, "wrap_attn"):  # the attention override (and grid_sizes) came with ComfyUI 0.3.60
         return False
     return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is WanModel
 
@@ -45,16 +45,12 @@ def supports(model) -> bool:
 class WanRuntime(MergeRuntime):
     """Which attention calls of a WAN forward are merged, and how a step's per-frame partition is built."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._block_marker = None  # (transformer_options, block_index) of the last attention call
-
     def plan(self, q, k, v, kwargs: dict, extra: dict) -> Optional[LevelMerge]:
         """The merge for this attention call (``scope = attention``), or None to run it as it is."""
         run = self._forward(extra)
         if run is None:
             return None
-        marker, self._block_marker = self._block_marker, (extra, extra["block_index"])
+        marker, run.site_marker = run.site_marker, (extra, extra["block_index"])
         if marker is not None and marker[0] is extra and marker[1] == extra["block_index"]:
             return None  # the block's second attention call: cross-attention
         if not run.call_active:
@@ -157,11 +153,11 @@ class WanRuntime(MergeRuntime):
             self.note("tiny", "frames of %d tokens: nothing to merge at ratio %.2f", grid.height * grid.width,
                       settings.ratio)
             return None
-        if SITE not in run.summary.tokens and not self.managed:
-            log.info("Importance Token Merging: WAN self-attention, %d -> %d tokens", part.sizes.num_tokens,
-                     part.sizes.num_kept)
         run.summary.tokens[SITE] = (part.sizes.num_tokens, part.sizes.num_kept)
-        self.record(SITE, grid, part, list(range(samples)), used_map=importance is not None)
+        if getattr(extra.get("context_window"), "dim", None) == 2:
+            self.note("preview", "context windows along the frames: no step pictures for the preview node")
+        else:
+            self.record(SITE, grid, part, list(range(samples)), used_map=importance is not None)
         return LevelMerge(part, mode)
 
 

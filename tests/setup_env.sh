@@ -27,7 +27,7 @@ fi
 # where apt-get exists; elsewhere the test is skipped and says why). ITM_BROWSER=0 skips all of it.
 if [ "${ITM_BROWSER:-1}" != 0 ]; then
   "$py" -m pip install -q -r "$repo/tests/requirements-browser.txt" 2>&1 | quiet
-  if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ ! -x "${ITM_CHROMIUM:-/usr/bin/chromium}" ] || [ ! -x "${ITM_CHROMEDRIVER:-/usr/bin/chromedriver}" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "installing Debian's chromium and chromium-driver for the browser test" >&2
       (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \

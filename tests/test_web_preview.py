@@ -43,11 +43,10 @@ def test_live_preview_reaches_the_merging_node_in_the_browser(session, tmp_path)
 
     browser.queue()
     entries = server.wait_for_prompts(1)
-    state = browser.wait(browser.APP + """
+    browser.wait(browser.APP + """
         const img = app.graph.getNodeById(arguments[0])?.itmPreview?.img;
         return img && img.dataset.step === String(arguments[1] - 1) && img.naturalWidth > 0;""", 20,
-                         "the last step's picture", merge["id"], steps)
-    assert state
+                 "the last step's picture", merge["id"], steps)  # raises on timeout
     after = browser.preview_state(merge["id"])
     assert after["src"].startswith("data:image/png;base64")
     assert after["width"] > after["height"] > 100  # importance map | merge map, side by side

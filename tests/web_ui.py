@@ -95,9 +95,13 @@ class ComfyServer:
 
     def __enter__(self) -> "ComfyServer":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(self.command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                                            env=env)
+        try:
+            with open(self.log_path, "w", encoding="utf-8") as log:
+                self.process = subprocess.Popen(self.command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                                env=env)
+        except BaseException:
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -167,7 +171,11 @@ class Browser:
                      "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
                      f"--window-size={self.size[0]},{self.size[1]}"):
             options.add_argument(flag)
-        self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        except BaseException:
+            shutil.rmtree(self.profile, ignore_errors=True)
+            raise
         self.driver.set_script_timeout(60)
         return self
 

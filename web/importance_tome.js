@@ -56,7 +56,7 @@ function show(detail) {
   preview.img.src = detail.image;
   preview.img.style.display = "block";
   preview.img.dataset.step = String(detail.step);
-  const map = detail.has_map ? "importance" : "no map yet (warm-up: random cells)";
+  const map = detail.has_map ? "importance" : "no map (first step, importance = random or cfg 1)";
   preview.caption.textContent =
     `step ${detail.step + 1} · level ${detail.site} · ${detail.kept}/${detail.tokens} tokens · ${map} | merge map`;
   if (firstImage) {  // make room for the picture once

@@ -1,7 +1,7 @@
 """Family-neutral run bookkeeping: per-run state, CFG importance capture, model-call and step detection.
 
-A model-family adapter (``nodes/unet.py`` for UNets, ``nodes/wan.py`` for WAN) subclasses :class:`MergeRuntime` and decides where tokens are
-merged; everything here is the same for every family:
+A model-family adapter (``nodes/unet.py`` for UNets, ``nodes/wan.py`` for WAN) subclasses :class:`MergeRuntime`
+and decides where tokens are merged; everything here is the same for every family:
 
 * **Runs.** Per-run state lives in ``model_options["transformer_options"][KEY]``. On current ComfyUI an
   ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh runtime and logs its summary at the end; on hosts without
@@ -11,8 +11,8 @@ merged; everything here is the same for every family:
   node runs.
 * **Model calls and steps.** A *forward* is one pass of the diffusion model (the adapter gives a token that is new for
   every pass); a *step* is one model evaluation (on current ComfyUI one call of the guider's ``predict_noise``,
-  marked by a ``PREDICT_NOISE`` wrapper; on the 2024 host one sigma), which ComfyUI may spread over several forwards: cond and
-  uncond in separate calls when memory is short, context windows, tiled wrappers. Merges are kept per step and
+  marked by a ``PREDICT_NOISE`` wrapper; on the 2024 host one sigma), which ComfyUI may spread over several forwards:
+  cond and uncond in separate calls when memory is short, context windows, tiled wrappers. Merges are kept per step and
   shared by the forwards of that step that serve other cond chunks, so an image does not depend on how ComfyUI
   batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
   gets its own merge.
@@ -47,7 +47,7 @@ class StepPreview:
 
     step: int  # index of the model evaluation in its run (0 = first; samplers like heun evaluate twice per step)
     sigma: Optional[float]
-    importance: Optional[torch.Tensor] = None  # [S, H, W] / [S, T, H, W] uint8 (quantise_map) of the step's map, or None
+    importance: Optional[torch.Tensor] = None  # [S, H, W] / [S, T, H, W] uint8 of the step's map (quantise_map)
     grids: Dict[int, TokenGrid] = field(default_factory=dict)  # merge site (UNet level; WAN: 0) -> its token grid
     roles: Dict[int, Dict[int, torch.Tensor]] = field(default_factory=dict)  # site -> {sample/frame: [N] TokenRole}
 
@@ -419,6 +419,15 @@ def predict_noise_wrapper(executor, *args, **kwargs):
     if runtime is not None:
         runtime.run.evaluation_started = True
     return executor(*args, **kwargs)
+
+
+def detach(patcher) -> None:
+    """Remove what :func:`attach` put on a (cloned) model: the runtime and the capture hook (the wrappers are replaced
+    by key when attached again). Adapters remove their own patches besides."""
+    post = patcher.model_options.get("sampler_post_cfg_function")
+    if post:
+        patcher.model_options["sampler_post_cfg_function"] = [f for f in post if not isinstance(f, ImportanceCapture)]
+    patcher.model_options.setdefault("transformer_options", {}).pop(KEY, None)
 
 
 def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:

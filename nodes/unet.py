@@ -37,7 +37,9 @@ from ..merging import (
     temporal_share,
     tiled_partition,
 )
-from .runtime import KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_frames, chunk_ids, runtime_of
+from .runtime import (  # noqa: F401 (KEY: re-exported, the transformer_options key of the runtime)
+    KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_frames, chunk_ids, detach, runtime_of,
+)
 from .settings import MergeSettings
 
 log = logging.getLogger("comfyui_importance_tome")
@@ -315,10 +317,7 @@ def _remove_ours(patcher) -> None:
     patches = options.get("patches")
     if patches:
         options["patches"] = {name: [p for p in plist if not isinstance(p, PATCH_TYPES)] for name, plist in patches.items()}
-    post = model_options.get("sampler_post_cfg_function")
-    if post:
-        model_options["sampler_post_cfg_function"] = [f for f in post if not isinstance(f, PATCH_TYPES)]
-    options.pop(KEY, None)
+    detach(patcher)
 
 
 def apply(model, settings: MergeSettings, live=None):

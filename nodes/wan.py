@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..merging import TokenGrid, frame_partition, pool_to_grid
-from .runtime import KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_ids, runtime_of
+from .runtime import LevelMerge, MergeRuntime, attach, chunk_ids, detach, runtime_of
 from .settings import MergeSettings
 
 OVERRIDE = "optimized_attention_override"
@@ -235,10 +235,7 @@ def _remove_ours(patcher) -> None:
             options.pop(OVERRIDE)
         else:
             options[OVERRIDE] = override.previous
-    post = patcher.model_options.get("sampler_post_cfg_function")
-    if post:
-        patcher.model_options["sampler_post_cfg_function"] = [f for f in post if not isinstance(f, ImportanceCapture)]
-    options.pop(KEY, None)
+    detach(patcher)
 
 
 def apply(model, settings: MergeSettings, live=None):

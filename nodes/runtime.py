@@ -122,7 +122,7 @@ class RunState:
         self.forward: object = None  # token of the current forward (the adapter's, compared by identity)
         self.call_active = False
         self.step_merges: Dict[object, StepMerge] = {}  # this step's merges, per site and sample layout
-        self.partitions: Dict[object, Optional[LevelMerge]] = {}  # this forward's merges (rows of this forward)
+        self.partitions: Dict[object, object] = {}  # this forward's merges (its rows) and data gathered for them
         self.block: Optional[LevelMerge] = None  # merge of the block being run (between patch and output patch)
         self.site_marker: object = None  # the adapter's marker of its last merge-site call (WAN: forward, block)
         self.logged: set = set()
@@ -278,6 +278,31 @@ class MergeRuntime:
         self.note(f"size{height}x{width}", "no unique importance map crop for a %dx%d model call (latent %dx%d); "
                   "using random merging for it", height, width, full_h, full_w)
         return None
+
+    def site_merge(self, site: int, grid: TokenGrid, build: Callable[[], Partition], used_map: bool,
+                   frames: Optional[List[int]], row_group: Optional[torch.Tensor] = None) -> Optional[LevelMerge]:
+        """What every adapter does with a new partition: ``build()`` it (a ValueError leaves the site unmerged, noted),
+        skip an identity one (noted), pick the merge mode (the warm-up without a map follows ``warmup_mode``; cfg = 1
+        and unusable maps are plain ToMe), keep the site's token counts (the whole latent's, not an area crop's) and
+        record the step's picture (``frames`` None: not recorded)."""
+        run, settings = self.run, self.settings
+        try:
+            part = build()
+        except ValueError as err:
+            self.note(f"small{site}", "merge site %d (%dx%d tokens per frame) is left unmerged: %s", site,
+                      grid.height, grid.width, err)
+            return None
+        if part.is_identity:
+            self.note(f"tiny{site}", "merge site %d has only %d tokens: nothing to merge at ratio %.2f", site,
+                      grid.num_tokens, settings.ratio)
+            return None
+        warmup = not used_map and settings.importance == "cfg" and run.map is None and not run.no_uncond
+        mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
+        if part.sizes.num_tokens >= run.summary.tokens.get(site, (0, 0))[0]:
+            run.summary.tokens[site] = (part.sizes.num_tokens, part.sizes.num_kept)
+        if frames is not None:
+            self.record(site, grid, part, frames, used_map=used_map, row_group=row_group)
+        return LevelMerge(part, mode)
 
     def record(self, site: int, grid: TokenGrid, part: Partition, frames: List[int], used_map: bool,
                row_group: Optional[torch.Tensor] = None) -> None:

@@ -122,38 +122,26 @@ class UNetRuntime(MergeRuntime):
         if temporal:  # each pair of frames shares one spatial partition, so their slots hold the same tokens
             row_sample = pair_groups(samples).to(n.device)
             groups = int(row_sample.max()) + 1
-        try:
-            if importance is not None:
-                scores = pool_to_grid(importance.to(n.device), grid)
-                if temporal:
-                    counts = torch.bincount(row_sample, minlength=groups).to(scores.dtype)
-                    scores = scores.new_zeros((groups,) + scores.shape[1:]).index_add_(0, row_sample, scores)
-                    scores = scores / counts.reshape((-1,) + (1,) * (scores.ndim - 1))
-                part = tiled_partition(n, settings.importance_config(), grid, settings.tile_grid, importance=scores,
+
+        def build():
+            if importance is None:
+                return tiled_partition(n, settings.random_config(), grid, settings.tile_grid, num_samples=groups,
                                        row_sample=row_sample, generator=run.generator)
-                mode = "mean"
-            else:
-                part = tiled_partition(n, settings.random_config(), grid, settings.tile_grid, num_samples=groups,
-                                       row_sample=row_sample, generator=run.generator)
-                # the warm-up (no map yet) follows warmup_mode; fallbacks (cfg = 1, unusable map) are plain ToMe
-                warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
-                mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
-        except ValueError as err:
-            self.note(f"small{level}", "level %d (%dx%d tokens) is left unmerged: %s", level, grid.height, grid.width, err)
-            return None
-        if part.is_identity:
-            self.note(f"tiny{level}", "level %d has only %d tokens: nothing to merge at ratio %.2f",
-                      level, grid.num_tokens, settings.ratio)
-            return None
-        if level not in run.summary.tokens and not self.managed:
+            scores = pool_to_grid(importance.to(n.device), grid)
+            if temporal:
+                counts = torch.bincount(row_sample, minlength=groups).to(scores.dtype)
+                scores = scores.new_zeros((groups,) + scores.shape[1:]).index_add_(0, row_sample, scores)
+                scores = scores / counts.reshape((-1,) + (1,) * (scores.ndim - 1))
+            return tiled_partition(n, settings.importance_config(), grid, settings.tile_grid, importance=scores,
+                                   row_sample=row_sample, generator=run.generator)
+
+        first = level not in run.summary.tokens
+        merge = self.site_merge(level, grid, build, importance is not None, chunk_frames(extra, samples), row_sample)
+        if merge is not None and first and not self.managed:
             log.info("Importance Token Merging: merging level %d, %d -> %d tokens (%s); the run's summary is "
-                     "logged when the next run starts on this ComfyUI", level, part.sizes.num_tokens,
-                     part.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
-        if part.sizes.num_tokens >= run.summary.tokens.get(level, (0, 0))[0]:  # the whole latent's, not a crop's
-            run.summary.tokens[level] = (part.sizes.num_tokens, part.sizes.num_kept)
-        self.record(level, grid, part, chunk_frames(extra, samples), used_map=importance is not None,
-                    row_group=row_sample)
-        return LevelMerge(part, mode)
+                     "logged when the next run starts on this ComfyUI", level, merge.partition.sizes.num_tokens,
+                     merge.partition.sizes.num_kept, "importance" if importance is not None else "random/warm-up")
+        return merge
 
 
 class SelfAttnMerge:

@@ -133,32 +133,20 @@ class WanRuntime(MergeRuntime):
         return imap
 
     def _make_partition(self, metric: torch.Tensor, extra: dict, grid: TokenGrid) -> Optional[LevelMerge]:
-        run, settings = self.run, self.settings
-        samples = metric.shape[0]
-        importance = self._map_rows(samples, extra) if settings.importance == "cfg" else None
-        try:
-            if importance is not None:
-                scores = pool_to_grid(importance.to(metric.device), grid)
-                part = frame_partition(metric, grid, settings.importance_config(), importance=scores,
-                                       generator=run.generator)
-                mode = "mean"
-            else:
-                part = frame_partition(metric, grid, settings.random_config(), generator=run.generator)
-                warmup = settings.importance == "cfg" and run.map is None and not run.no_uncond
-                mode = "prune" if warmup and settings.warmup_mode == "prune" else "mean"
-        except ValueError as err:
-            self.note("small", "the %dx%d token frames are left unmerged: %s", grid.height, grid.width, err)
-            return None
-        if part.is_identity:
-            self.note("tiny", "frames of %d tokens: nothing to merge at ratio %.2f", grid.height * grid.width,
-                      settings.ratio)
-            return None
-        run.summary.tokens[SITE] = (part.sizes.num_tokens, part.sizes.num_kept)
+        settings = self.settings
+        importance = self._map_rows(metric.shape[0], extra) if settings.importance == "cfg" else None
+
+        def build():
+            if importance is None:
+                return frame_partition(metric, grid, settings.random_config(), generator=self.run.generator)
+            return frame_partition(metric, grid, settings.importance_config(), generator=self.run.generator,
+                                   importance=pool_to_grid(importance.to(metric.device), grid))
+
+        frames = list(range(metric.shape[0]))
         if getattr(extra.get("context_window"), "dim", None) == 2:
             self.note("preview", "context windows along the frames: no step pictures for the preview node")
-        else:
-            self.record(SITE, grid, part, list(range(samples)), used_map=importance is not None)
-        return LevelMerge(part, mode)
+            frames = None
+        return self.site_merge(SITE, grid, build, importance is not None, frames)
 
 
 class SelfAttentionOverride:
@@ -212,10 +200,14 @@ class BlockMerge:
         part = plan.partition
         merged = part.merge(x, plan.mode)
         block_args = dict(args, img=merged)
+        cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one gather per tensor
         for name in ("vec", "pe"):
             value = args.get(name)
             if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == x.shape[1]:
-                block_args[name] = part.gather(value)  # per token: each slot takes its kept token's
+                key = ("gathered", name, id(plan))
+                if key not in cache or cache[key][0] is not value:
+                    cache[key] = (value, part.gather(value))  # per token: each slot takes its kept token's
+                block_args[name] = cache[key][1]
         out = run_block(block_args)
         runtime.run.summary.merged_calls += 1
         return dict(out, img=x + part.unmerge(out["img"] - merged))

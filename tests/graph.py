@@ -38,8 +38,9 @@ def records(node_id="probe"):
     return node_classes()["HostTestAttnProbe"].RECORDS[node_id]
 
 
-def last_run(node_id="probe"):
-    """The summary of the last sampling run of the merging runtime a HostTestAttnProbe found on its model."""
-    runtime = node_classes()["HostTestAttnProbe"].RUNTIMES[node_id]
+def last_run(node_id="probe", probe="HostTestAttnProbe"):
+    """The summary of the last sampling run of the merging runtime a probe node (HostTestAttnProbe, or
+    HostTestRuntimeProbe for models whose attention patches have another signature) found on its model."""
+    runtime = node_classes()[probe].RUNTIMES[node_id]
     assert runtime is not None, "the probe found no importance-merging runtime on the model"
     return runtime.summaries()[-1]

@@ -128,13 +128,9 @@ def test_clear_errors_for_an_unmerged_model_and_mismatched_images(comfy):
 
 def test_tiled_views_are_merged_view_by_view(comfy):
     """3x2 views in one latent (Zero123++ style): every view loses half of its tokens."""
-    g = Graph()
-    tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
-    model = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=tiny[0], **dict(ADVANCED, tiles="3x2"))[0]
-    empty = g.add("EmptyLatentImage", width=96, height=144, batch_size=1)  # latent 18x12: six 6x6 views
-    sampled = g.add("KSampler", model=model, positive=tiny[1], negative=tiny[2], latent_image=empty[0], seed=1,
-                    steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    from test_video_nodes import tiled_views_graph
+
+    g, model, sampled = tiled_views_graph(ADVANCED)
     preview_graph(g, model, decoded(g, sampled))
     H.run_prompt(g.prompt)
     merge = pictures("merge_map")[0]

@@ -127,6 +127,19 @@ def test_context_windows_slice_the_map(comfy, map_log, length, overlap):
     assert last_run().fallbacks == []
 
 
+def tiled_views_graph(advanced):
+    """Zero123++-style 3x2 views in one 96x144 image (latent 18x12: six 6x6 views), merged with the Advanced node's
+    ``advanced`` inputs and tiles = 3x2, sampled 3 steps; stats node "out". Returns (graph, merged model, sampled)."""
+    g = Graph()
+    tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
+    model = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=tiny[0], **dict(advanced, tiles="3x2"))[0]
+    empty = g.add("EmptyLatentImage", width=96, height=144, batch_size=1)
+    sampled = g.add("KSampler", model=model, positive=tiny[1], negative=tiny[2], latent_image=empty[0], seed=1,
+                    steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    return g, model, sampled
+
+
 def test_tiled_views_never_merge_across_tiles(comfy, monkeypatch):
     """Zero123++-style 3x2 views in one latent: with tiles = 3x2 every merge stays inside one view."""
     partition_mod = H.pack_module("merging.partition")
@@ -140,14 +153,7 @@ def test_tiled_views_never_merge_across_tiles(comfy, monkeypatch):
         return part
 
     monkeypatch.setattr(unet, "tiled_partition", recording)
-    g = Graph()
-    tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
-    model = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=tiny[0], **dict(ADVANCED, tiles="3x2"))[0]
-    empty = g.add("EmptyLatentImage", width=96, height=144, batch_size=1)  # latent 18x12: six 6x6 views
-    sampled = g.add("KSampler", model=model, positive=tiny[1], negative=tiny[2], latent_image=empty[0], seed=1,
-                    steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    g.add("HostTestLatentStats", "out", samples=sampled[0])
-    H.run_prompt(g.prompt)
+    H.run_prompt(tiled_views_graph(ADVANCED)[0].prompt)
     assert torch.isfinite(latent()).all()
     assert len(seen) >= 3  # warm-up (random cells) and importance steps, cond and uncond batched
     for grid, tiles, part in seen:

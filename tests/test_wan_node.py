@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import comfy_harness as H
+import graph
 from graph import Graph, latent, node_classes
 
 SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
@@ -42,9 +43,7 @@ def calls():
 
 
 def last_run():
-    runtime = node_classes()["HostTestRuntimeProbe"].RUNTIMES["probe"]
-    assert runtime is not None, "no importance-merging runtime on the model"
-    return runtime.summaries()[-1]
+    return graph.last_run("probe", probe="HostTestRuntimeProbe")
 
 
 def test_self_attention_runs_on_merged_tokens_per_frame(comfy):

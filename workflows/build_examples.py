@@ -95,16 +95,23 @@ def sample_decode_save(b, model, positive, negative, latent, vae, prefix, **samp
     b.link(decode, 0, save, "images")
 
 
-def demo(schema):
-    """The main job's workflow: the bundled Fashion-MNIST demo model, no checkpoint needed."""
-    b = WorkflowBuilder(schema)
+def demo_model_nodes(b, prompt, x, y):
+    """The demo model's loader, the merging node and the two prompts (the class name; empty = unconditional), linked;
+    ``y`` = rows of the merging node and the prompts in column ``x``."""
     loader = b.add("ITM_DemoModelLoader", (40, 180))
-    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **MERGE)
-    pos = b.add("CLIPTextEncode", (420, 300), title="Positive (a Fashion-MNIST class)", text="sneaker")
-    neg = b.add("CLIPTextEncode", (420, 520), title="Negative (empty = unconditional)", text="")
+    merge = b.add("ITM_ImportanceTokenMerging", (x, y[0]), **MERGE)
+    pos = b.add("CLIPTextEncode", (x, y[1]), title="Positive (a Fashion-MNIST class)", text=prompt)
+    neg = b.add("CLIPTextEncode", (x, y[2]), title="Negative (empty = unconditional)", text="")
     b.link(loader, 0, merge, "model")
     b.link(loader, 1, pos, "clip")
     b.link(loader, 1, neg, "clip")
+    return loader, merge, pos, neg
+
+
+def demo(schema):
+    """The main job's workflow: the bundled Fashion-MNIST demo model, no checkpoint needed."""
+    b = WorkflowBuilder(schema)
+    loader, merge, pos, neg = demo_model_nodes(b, "sneaker", x=420, y=(40, 300, 520))
     latent = b.add("EmptyLatentImage", (420, 740), width=256, height=256, batch_size=4)
     sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (loader, 2), "importance_tome_demo",
                        steps=20, cfg=4.0)
@@ -116,13 +123,7 @@ def demo(schema):
 def demo_preview(schema):
     """The demo with the Token Merging Preview node: what was merged, over the sampled images."""
     b = WorkflowBuilder(schema)
-    loader = b.add("ITM_DemoModelLoader", (40, 180))
-    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **MERGE)
-    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="ankle boot")
-    neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
-    b.link(loader, 0, merge, "model")
-    b.link(loader, 1, pos, "clip")
-    b.link(loader, 1, neg, "clip")
+    loader, merge, pos, neg = demo_model_nodes(b, "ankle boot", x=380, y=(40, 470, 700))
     latent = b.add("EmptyLatentImage", (40, 460), width=256, height=256, batch_size=2)
     sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
                     denoise=1.0)

@@ -105,15 +105,8 @@ NODE_CLASS_MAPPINGS = {"HostTestTinyModel": HostTestTinyModel, "HostTestLatentSt
 NODE_DISPLAY_NAME_MAPPINGS = {"HostTestTinyModel": "Host test: tiny model", "HostTestLatentStats": "Host test: latent stats"}
 
 
-class HostTestAttnProbe:
-    """MODEL -> MODEL: appends an attn1_patch (after any earlier ones) that records what self-attention receives.
-
-    RECORDS[unique_id] is a list of dicts: block, block_index, tokens (after earlier patches), original_shape, rows,
-    cond_or_uncond. RUNTIMES[unique_id] keeps the importance-merging runtime found on the model, if any.
-    """
-
-    RECORDS = {}
-    RUNTIMES = {}
+class _ModelProbe:
+    """MODEL -> MODEL test nodes that look at (or patch) the model on its way to the sampler."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -122,6 +115,17 @@ class HostTestAttnProbe:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "probe"
     CATEGORY = "testing/host"
+
+
+class HostTestAttnProbe(_ModelProbe):
+    """MODEL -> MODEL: appends an attn1_patch (after any earlier ones) that records what self-attention receives.
+
+    RECORDS[unique_id] is a list of dicts: block, block_index, tokens (after earlier patches), original_shape, rows,
+    cond_or_uncond. RUNTIMES[unique_id] keeps the importance-merging runtime found on the model, if any.
+    """
+
+    RECORDS = {}
+    RUNTIMES = {}
 
     def probe(self, model, unique_id=None):
         records = HostTestAttnProbe.RECORDS.setdefault(str(unique_id), [])
@@ -262,20 +266,12 @@ class HostTestTinyWanModel:
         return _boot().tiny_wan_model(seed=seed, layers=layers)
 
 
-class HostTestAttentionRecorder:
+class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
     see what the attention kernel finally receives. RECORDS[unique_id] is the list of calls."""
 
     RECORDS = {}
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "probe"
-    CATEGORY = "testing/host"
 
     def probe(self, model, unique_id=None):
         records = HostTestAttentionRecorder.RECORDS.setdefault(str(unique_id), [])
@@ -295,18 +291,10 @@ class HostTestAttentionRecorder:
         return (m,)
 
 
-class HostTestRuntimeProbe:
+class HostTestRuntimeProbe(_ModelProbe):
     """MODEL -> the same MODEL: keeps the importance-merging runtime found on it in RUNTIMES[unique_id]."""
 
     RUNTIMES = {}
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "probe"
-    CATEGORY = "testing/host"
 
     def probe(self, model, unique_id=None):
         options = model.model_options.get("transformer_options", {})

@@ -1,5 +1,6 @@
 """Per-frame merging of video tokens laid out ``(t h w)`` (video DiTs such as WAN): tokens only merge with tokens of
-the same latent frame, and every frame loses the same share.
+the same latent frame, and every frame loses the same share (or, as an option, spatio-temporal merging of the whole
+clip: ``frame_partition(..., across_frames=True)``).
 
 A :class:`FramePartition` wraps an ordinary :class:`~merging.partition.Partition` whose rows are single frames
 (``sample * frames + t``) and applies it to ``[B, frames * N, C]`` sequences by viewing them as
@@ -106,27 +107,34 @@ def frame_partition(
     *,
     importance: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
+    across_frames: bool = False,
 ) -> FramePartition:
-    """Partition every frame of each sample on its own.
+    """Partition every frame of each sample on its own (or, ``across_frames``, each sample's whole video at once).
 
     Args:
         metric: [S, frames * N, C] features of one row per sample, tokens in ``(t h w)`` order of ``grid``.
         grid: the token grid (``frames × height × width``).
         config: :class:`ImportanceConfig` (needs ``importance``) or :class:`RandomGridConfig`.
         importance: [S, frames * N] map on the grid (e.g. :func:`merging.grids.pool_to_grid`).
+        across_frames: spatio-temporal merging: the frames are stacked into one ``(frames * height) × width`` grid,
+            so destinations are spread over every frame and a token may merge into a destination of any frame (the
+            most alike one); frames then keep different numbers of tokens. The result has ``frames == 1``.
     """
     samples, length, channels = metric.shape
     if length != grid.num_tokens:
         raise ValueError(f"the token grid {grid} has {grid.num_tokens} tokens but the block has {length}")
-    per_frame = TokenGrid(grid.height, grid.width)
-    rows = metric.reshape(samples * grid.frames, per_frame.num_tokens, channels)
+    if across_frames:
+        per_frame, frames = TokenGrid(grid.frames * grid.height, grid.width), 1
+    else:
+        per_frame, frames = TokenGrid(grid.height, grid.width), grid.frames
+    rows = metric.reshape(samples * frames, per_frame.num_tokens, channels)
     if isinstance(config, ImportanceConfig):
         if importance is None:
             raise ValueError("an ImportanceConfig needs an importance map")
-        scores = importance.reshape(samples * grid.frames, per_frame.num_tokens)
+        scores = importance.reshape(samples * frames, per_frame.num_tokens)
         part = importance_partition(rows, scores, config, generator=generator, grid=per_frame)
     elif isinstance(config, RandomGridConfig):
         part = random_grid_partition(rows, per_frame, config, generator=generator)
     else:
         raise TypeError(f"unknown partition config {type(config).__name__}")
-    return FramePartition(part, grid.frames)
+    return FramePartition(part, frames)

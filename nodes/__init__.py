@@ -1,10 +1,12 @@
 """ComfyUI glue: node classes, the family-neutral runtime and one adapter per model family (:mod:`.unet`,
 :mod:`.wan`)."""
-from .demo_model import DemoModelLoader
+from .demo_model import DemoModelLoader, DemoVideoModelLoader
 from .image_nodes import NODE_CLASS_MAPPINGS as _IMAGE_NODES
 from .image_nodes import NODE_DISPLAY_NAME_MAPPINGS as _IMAGE_NAMES
 
-NODE_CLASS_MAPPINGS = {**_IMAGE_NODES, "ITM_DemoModelLoader": DemoModelLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {**_IMAGE_NAMES, "ITM_DemoModelLoader": "Load Demo Model (Fashion-MNIST, ITM)"}
+NODE_CLASS_MAPPINGS = {**_IMAGE_NODES, "ITM_DemoModelLoader": DemoModelLoader,
+                       "ITM_DemoVideoModelLoader": DemoVideoModelLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {**_IMAGE_NAMES, "ITM_DemoModelLoader": "Load Demo Model (Fashion-MNIST, ITM)",
+                              "ITM_DemoVideoModelLoader": "Load Demo Video Model (moving Fashion-MNIST, WAN, ITM)"}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

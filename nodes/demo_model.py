@@ -27,6 +27,7 @@ log = logging.getLogger("comfyui_importance_tome")
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_unet.safetensors")
+VIDEO_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_wan.safetensors")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NULL_CLASS = len(CLASSES)
 CONTEXT_DIM = 64
@@ -37,6 +38,13 @@ DEMO_UNET = {
     "num_head_channels": -1, "context_dim": CONTEXT_DIM, "use_spatial_transformer": True, "legacy": False,
     "use_linear_in_transformer": False, "adm_in_channels": None, "use_temporal_attention": False,
     "use_temporal_resblock": False,
+}
+# the video demo model: ComfyUI's WAN 2.1 text-to-video class with a small WanModel (16-channel latent, patch
+# 1x2x2, so a 256x256 clip's 32x32 latent frames are 16x16 = 256 tokens each)
+DEMO_WAN = {
+    "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
+    "dim": 128, "ffn_dim": 384, "freq_dim": 256, "text_dim": CONTEXT_DIM, "out_dim": 16, "num_heads": 4,
+    "num_layers": 4, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
 }
 # words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
 _ALIASES = {
@@ -115,6 +123,62 @@ class DemoImageCodec:
         return small.expand(-1, 4, -1, -1).contiguous()
 
 
+class DemoVideoCodec:
+    """Video VAE stand-in for the video demo model, with WAN's layout: [B, 16, T, H, W] latents <-> 1 + 4 (T - 1)
+    frames of 8x the size. In model space (after ComfyUI's Wan21 latent format) every channel holds the grayscale
+    frame in [-1, 1], so the latent stores ``mean_c + std_c * gray``. Decoding shows latent frame 0 as the first
+    frame and blends each next latent frame in over 4 frames; encoding reads frames 0, 4, 8, ..."""
+
+    downscale_ratio = 8
+    upscale_ratio = 8
+    latent_channels = 16
+    latent_dim = 3
+    output_channels = 3
+
+    def spacial_compression_decode(self):
+        return 8
+
+    def spacial_compression_encode(self):
+        return 8
+
+    def temporal_compression_decode(self):
+        return 4
+
+    def temporal_compression_encode(self):
+        return 4
+
+    @staticmethod
+    def _stats(device):
+        import comfy.latent_formats  # noqa: PLC0415 (host module)
+
+        fmt = comfy.latent_formats.Wan21()
+        return (fmt.latents_mean.to(device).view(1, 16, 1, 1, 1).float(),
+                fmt.latents_std.to(device).view(1, 16, 1, 1, 1).float())
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        if samples.ndim != 5 or samples.shape[1] != 16:
+            raise ValueError(f"the video demo model decodes [B, 16, T, H, W] latents, got {tuple(samples.shape)}")
+        mean, std = self._stats(samples.device)
+        gray = (((samples.float() - mean) / std).mean(dim=1) + 1.0) / 2.0  # [B, T, H, W]
+        frames = [gray[:, :1]]
+        for k in range(1, gray.shape[1]):
+            weights = torch.arange(1, 5, dtype=gray.dtype, device=gray.device).view(1, 4, 1, 1) / 4
+            frames.append(gray[:, k - 1:k] * (1 - weights) + gray[:, k:k + 1] * weights)
+        video = torch.cat(frames, dim=1).clamp(0, 1).cpu()
+        up = F.interpolate(video, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
+        return up[..., None].expand(-1, -1, -1, -1, 3).contiguous()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim == 5:  # [B, F, H, W, C]: one clip per batch entry
+            return torch.cat([self.encode(clip) for clip in pixels])
+        if pixels.shape[1] % 8 or pixels.shape[2] % 8:
+            raise ValueError(f"the demo model's frames must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
+        frames = pixels[0::4, ..., :3].float().mean(dim=-1)[None]  # [1, T, H, W]: frames 0, 4, 8, ...
+        gray = F.avg_pool2d(frames, 8) * 2.0 - 1.0
+        mean, std = self._stats(gray.device)
+        return (mean + std * gray[:, None]).contiguous()
+
+
 def read_weights(path: str = WEIGHTS):
     """(UNet state dict, class table [11, CONTEXT_DIM], metadata dict) from the bundled safetensors file."""
     from safetensors import safe_open
@@ -127,8 +191,8 @@ def read_weights(path: str = WEIGHTS):
         for key in handle.keys():
             tensors[key] = handle.get_tensor(key)
     prefix = "diffusion_model."
-    unet = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
-    return unet, tensors["class_embedding.weight"].float(), metadata
+    net = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    return net, tensors["class_embedding.weight"].float(), metadata
 
 
 def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
@@ -149,10 +213,34 @@ def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
 
 
+def build_wan_patcher(state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the video demo architecture (WAN 2.1 t2v class, :data:`DEMO_WAN`)."""
+    import comfy.model_management  # noqa: PLC0415 (host modules)
+    import comfy.model_patcher  # noqa: PLC0415
+    import comfy.supported_models  # noqa: PLC0415
+
+    if not hasattr(comfy.supported_models, "WAN21_T2V"):
+        raise RuntimeError("the video demo model needs a ComfyUI with WAN models (0.3.30 or later)")
+    config = comfy.supported_models.WAN21_T2V(dict(DEMO_WAN))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    if state is not None:
+        model.diffusion_model.load_state_dict(state, strict=True)
+    model.eval()
+    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+
+
 def load_demo_model(path: str = WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled demo model."""
     unet, table, metadata = read_weights(path)
     return build_unet_patcher(unet), DemoTextEncoder(table), DemoImageCodec(), metadata
+
+
+def load_demo_video_model(path: str = VIDEO_WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled video demo model (current ComfyUI only)."""
+    net, table, metadata = read_weights(path)
+    return build_wan_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata
 
 
 class DemoModelLoader:
@@ -181,5 +269,38 @@ class DemoModelLoader:
         model, clip, vae, metadata = load_demo_model()
         training = json.loads(metadata.get("training", "{}"))
         log.info("Importance Token Merging: demo model loaded (%s steps of training, %s)",
+                 training.get("steps", "?"), metadata.get("format", "unknown format"))
+        return model, clip, vae
+
+
+class DemoVideoModelLoader:
+    """Loads the bundled moving-Fashion-MNIST video model (WAN 2.1 architecture), so the pack's WAN support can be
+    tried without downloading a checkpoint."""
+
+    DESCRIPTION = (
+        "Loads the small class-conditional video model that ships with this pack: ComfyUI's own WAN 2.1 model class "
+        "with a 4-block WanModel (~1.1M parameters) trained by the pack on moving Fashion-MNIST (a garment sliding "
+        "over a dark background). Prompts name a class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, "
+        "sneaker, bag, ankle boot); leave the negative prompt empty. Use EmptyHunyuanLatentVideo at 256x256 with 13 "
+        "frames (4 latent frames of 16x16 tokens), cfg about 3-5. Needs a ComfyUI with WAN models.")
+    CATEGORY = "model_patches/token_merging/demo"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The video demo model (WAN 2.1 text-to-video class, flow matching, a small WanModel).",
+        "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
+        "Decoder/encoder between the 16-channel WAN-layout latent and 256x256 grayscale frames (1 + 4 per latent "
+        "frame after the first).",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        model, clip, vae, metadata = load_demo_video_model()
+        training = json.loads(metadata.get("training", "{}"))
+        log.info("Importance Token Merging: video demo model loaded (%s steps of training, %s)",
                  training.get("steps", "?"), metadata.get("format", "unknown format"))
         return model, clip, vae

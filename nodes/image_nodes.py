@@ -9,7 +9,8 @@ import logging
 from . import unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
-    CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, WARMUP_MODES,
+    CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
+    WARMUP_MODES,
     MergeSettings,
 )
 from ..merging import DST_MODES
@@ -130,9 +131,11 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "cfg1_mode": (list(CFG1_MODES), {
                 "default": "random",
-                "tooltip": "When there is no uncond pass (cfg = 1, turbo/LCM): random = use plain ToMe merging, logged "
-                           "once per run; force_uncond = compute the uncond pass anyway to get the importance map "
-                           "(costs a second model pass per step).",
+                "tooltip": "When there is no uncond pass (cfg = 1, turbo/LCM, distilled video LoRAs): random = use plain "
+                           "ToMe merging, logged once per run; force_uncond = compute the uncond pass anyway to get "
+                           "the importance map (costs a second model pass per step); change = importance is how much "
+                           "each position's denoised prediction changed since the previous step (no extra pass; "
+                           "plain ToMe for the first two steps).",
             }),
             "merge_cross_attn": ("BOOLEAN", {
                 "default": False,
@@ -186,18 +189,25 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "share of the similarity comes from how alike the two tokens' importance is, so background "
                            "tokens merge into background and detail into detail. Beyond the paper.",
             }),
+            "video_tokens": (list(VIDEO_TOKENS), {
+                "default": "per_frame",
+                "tooltip": "Video transformers (WAN): per_frame = tokens merge only with tokens of the same latent "
+                           "frame and every frame keeps the same share; across_frames = spatio-temporal merging, a "
+                           "token may merge into the most alike destination of any frame (static regions merge over "
+                           "time; frames keep different shares). Ignored on UNet models.",
+            }),
         }, "hidden": _HIDDEN}
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
               partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=3.0,
-              affinity=0.2, unique_id=None):
+              affinity=0.2, video_tokens="per_frame", unique_id=None):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,
                                  merge_cross_attn=merge_cross_attn, seed=merge_seed, tiles=tiles,
                                  partition_reuse=partition_reuse, temporal_ratio=temporal_ratio, protect=protect,
-                                 weight_power=weight_power, affinity=affinity)
+                                 weight_power=weight_power, affinity=affinity, video_tokens=video_tokens)
         return _patch(model, settings, unique_id)
 
 

@@ -16,7 +16,8 @@ and decides where tokens are merged; everything here is the same for every famil
   shared by the forwards of that step that serve other cond chunks, so an image does not depend on how ComfyUI
   batched cond and uncond; a forward that serves a chunk again (the next tile batch or window, an extra SAG pass)
   gets its own merge.
-* **Importance.** ``sampler_post_cfg_function`` stores ``|cond - uncond|`` of every evaluation as the map for the next.
+* **Importance.** ``sampler_post_cfg_function`` stores ``|cond - uncond|`` of every evaluation as the map for the next;
+  without an uncond pass (cfg = 1) and ``cfg1_mode = change``, ``|denoised - previous denoised|`` instead.
 * **Previews.** The adapter reports each step's partitions per merge site (:meth:`MergeRuntime.record`): the map
   the step used and every token's role (of the whole latent, not of an area cond's crop) are kept, small and on the
   CPU, in the run's summary (the two latest runs keep them), for the preview node; a live preview callback (the web
@@ -113,7 +114,8 @@ class RunState:
         self.generator.manual_seed(settings.seed)
         self.bounds: Optional[Tuple[float, float]] = None  # (sigma_start, sigma_end), resolved at the first call
         self.map: Optional[torch.Tensor] = None  # [b, H, W] (video DiTs: [b, T, H, W]) from the previous evaluation
-        self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no map will come
+        self.no_uncond = False  # the last evaluation had no uncond pass (cfg = 1): no CFG map will come
+        self.previous_denoised: Optional[torch.Tensor] = None  # cfg1_mode = change: the last evaluation's prediction
         self.areas: List[Tuple[int, ...]] = []  # area conds seen by the cfg hook: (h, w, y, x)
         self.target_levels: Optional[FrozenSet[int]] = None  # fixed by the run's first attention call ("auto")
         self.last_sigma: Optional[float] = None
@@ -353,14 +355,25 @@ class MergeRuntime:
             return
         # cfg = 1: no uncond pass was computed (current ComfyUI passes None; the 2024 host an all-zero prediction)
         run.no_uncond = args.get("uncond") is None or not bool(uncond.abs().amax() > 0)
-        if run.no_uncond:
-            run.map = None
-            self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
-                      "ToMe baseline instead (set cfg1_mode = force_uncond on the advanced node to compute it)")
-            return
-        run.map = importance_map(cond, uncond)
         run.areas = [tuple(int(v) for v in c["area"][:4]) for c in (args.get("cond") or []) + (args.get("uncond") or [])
                      if isinstance(c, dict) and c.get("area") is not None and len(c["area"]) >= 4]
+        if run.no_uncond and self.settings.cfg1_mode == "change":
+            # CFG-free importance: how much each position's denoised prediction moved since the last evaluation
+            current = cond.detach().float()
+            previous, run.previous_denoised = run.previous_denoised, current
+            if previous is None or previous.shape != current.shape:
+                run.map = None
+                self.note("cfg1change", "no uncond pass (cfg = 1): importance = change of the denoised prediction "
+                          "between evaluations (plain ToMe until two evaluations have been seen)")
+                return
+            run.map = importance_map(current, previous)
+        elif run.no_uncond:
+            run.map = None
+            self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
+                      "ToMe baseline instead (set cfg1_mode = change or force_uncond on the advanced node)")
+            return
+        else:
+            run.map = importance_map(cond, uncond)
         run.summary.maps_captured += 1
 
 

@@ -9,9 +9,10 @@ from ..merging import DST_MODES, ImportanceConfig, RandomGridConfig, max_ratio
 IMPORTANCE_SOURCES = ("cfg", "random")
 LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
 WARMUP_MODES = ("prune", "merge")
-CFG1_MODES = ("random", "force_uncond")
+CFG1_MODES = ("random", "force_uncond", "change")
 SCOPES = ("attention", "transformer")
 PARTITION_REUSE = ("stage", "level", "block")
+VIDEO_TOKENS = ("per_frame", "across_frames")  # video DiTs: merge within each latent frame, or across the clip
 TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
 
@@ -37,6 +38,7 @@ class MergeSettings:
     protect: float = 0.0  # fraction of tokens, the most important, never merged away
     weight_power: float = 3.0  # > 0: importance-weighted mean merging (the paper: 0, plain mean)
     affinity: float = 0.2  # > 0: matching also prefers destinations of similar importance (the paper: 0)
+    video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
 
     def __post_init__(self) -> None:
         _choice("importance", self.importance, IMPORTANCE_SOURCES)
@@ -47,6 +49,7 @@ class MergeSettings:
         _choice("cfg1_mode", self.cfg1_mode, CFG1_MODES)
         _choice("tiles", self.tiles, TILE_CHOICES)
         _choice("partition_reuse", self.partition_reuse, PARTITION_REUSE)
+        _choice("video_tokens", self.video_tokens, VIDEO_TOKENS)
         if not 0.0 <= self.temporal_ratio <= 1.0:
             raise ValueError(f"temporal_ratio must be in [0, 1], got {self.temporal_ratio}")
         if self.temporal_ratio > 0 and self.scope == "transformer":

@@ -66,6 +66,8 @@ class UNetRuntime(MergeRuntime):
             return None
         if run.target_levels is None:  # the first attention call of a forward is the highest-resolution one
             run.target_levels = self.settings.target_levels(level)
+            if self.settings.video_tokens != "per_frame":
+                self.note("dit-only", "video_tokens applies to video transformers (WAN); ignored on UNet models")
         if level not in run.target_levels:
             return None
         key = self._reuse_key(level, extra)

@@ -18,7 +18,7 @@ cond and uncond whatever the call layout, as for UNets; ``partition_reuse = bloc
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -117,33 +117,48 @@ class WanRuntime(MergeRuntime):
         rows = torch.arange(k.shape[0], device=k.device) % samples
         return LevelMerge(base.partition.take_rows(rows), base.mode)
 
-    def _map_rows(self, samples: int, extra: dict) -> Optional[torch.Tensor]:
+    @staticmethod
+    def _window(extra: dict, grid: TokenGrid) -> Optional[List[int]]:
+        """The latent frames of the context window being computed (core context windows along dim 2), or None. The
+        window object outlives the windowed call, so it is only believed when its length is this call's."""
+        window = extra.get("context_window")
+        if window is None or getattr(window, "dim", None) != 2:
+            return None
+        index = [int(i) for i in (getattr(window, "index_list", None) or [])]
+        return index if len(index) == grid.frames else None
+
+    def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
         imap = self.run.map
         if imap is None or imap.ndim != 4:
             return None
-        window = extra.get("context_window")
-        if window is not None and getattr(window, "dim", None) == 2:  # context windows along the latent frames
-            index = list(getattr(window, "index_list", None) or [])
-            if index and max(index) < imap.shape[1]:
-                imap = imap[:, torch.as_tensor(index, dtype=torch.long, device=imap.device)]
+        index = self._window(extra, grid)
+        if index is not None and max(index) < imap.shape[1]:  # a window: the map's frames of the window, in order
+            imap = imap[:, torch.as_tensor(index, dtype=torch.long, device=imap.device)]
         if imap.shape[0] != samples:
             self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
                       imap.shape[0], samples)
+            return None
+        if imap.shape[1] != grid.frames:
+            self.note("frames", "importance map has %d latent frames but the model call has %d; using random "
+                      "merging for it", imap.shape[1], grid.frames)
             return None
         return imap
 
     def _make_partition(self, metric: torch.Tensor, extra: dict, grid: TokenGrid) -> Optional[LevelMerge]:
         settings = self.settings
-        importance = self._map_rows(metric.shape[0], extra) if settings.importance == "cfg" else None
+        importance = self._map_rows(metric.shape[0], extra, grid) if settings.importance == "cfg" else None
+
+        across = settings.video_tokens == "across_frames"
 
         def build():
             if importance is None:
-                return frame_partition(metric, grid, settings.random_config(), generator=self.run.generator)
+                return frame_partition(metric, grid, settings.random_config(), generator=self.run.generator,
+                                       across_frames=across)
             return frame_partition(metric, grid, settings.importance_config(), generator=self.run.generator,
-                                   importance=pool_to_grid(importance.to(metric.device), grid))
+                                   importance=pool_to_grid(importance.to(metric.device), grid), across_frames=across)
 
         frames = list(range(metric.shape[0]))
-        if getattr(extra.get("context_window"), "dim", None) == 2:
+        if self._window(extra, grid) is not None:
             self.note("preview", "context windows along the frames: no step pictures for the preview node")
             frames = None
         return self.site_merge(SITE, grid, build, importance is not None, frames)
@@ -180,7 +195,8 @@ class BlockMerge:
     """``patches_replace["dit"][("double_block", i)]`` (``scope = transformer``): the whole block (self-attention,
     cross-attention, FFN) runs on the merged image tokens, and every token adds its slot's update to its own input:
     ``x + unmerge(block(merge(x)) - merge(x))``. RoPE frequencies and per-token modulation (WAN 2.2 5B) travel with the
-    tokens (each slot takes its kept token's); per-frame modulation needs nothing, since slots stay in frame order."""
+    tokens (each slot takes its kept token's); per-frame modulation needs nothing, since slots stay in frame order
+    (with ``video_tokens = across_frames`` it is spread over the tokens first, then gathered like per-token data)."""
 
     def __init__(self, previous=None) -> None:
         self.previous = previous  # another node's replacement of this block: called with the merged tokens
@@ -201,13 +217,23 @@ class BlockMerge:
         merged = part.merge(x, plan.mode)
         block_args = dict(args, img=merged)
         cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one gather per tensor
+        frames = int((options.get("grid_sizes") or (1,))[0])
         for name in ("vec", "pe"):
             value = args.get(name)
-            if isinstance(value, torch.Tensor) and value.ndim >= 3 and value.shape[1] == x.shape[1]:
-                key = ("gathered", name, id(plan))
-                if key not in cache or cache[key][0] is not value:
-                    cache[key] = (value, part.gather(value))  # per token: each slot takes its kept token's
-                block_args[name] = cache[key][1]
+            if not isinstance(value, torch.Tensor) or value.ndim < 3:
+                continue
+            per_frame = (name == "vec" and 1 < value.shape[1] < x.shape[1] and value.shape[1] == frames
+                         and part.frames != frames)
+            if value.shape[1] != x.shape[1] and not per_frame:
+                continue  # one entry for all tokens (or per frame with per-frame merging): nothing to gather
+            key = ("gathered", name, id(plan))
+            if key not in cache or cache[key][0] is not value:
+                # per token: each slot takes its kept token's entry. Per-frame modulation with spatio-temporal
+                # merging (frames keep different shares, so WAN's repeat of each frame's entry over L'/T slots would
+                # misalign) is first spread over the frame's tokens
+                spread = value.repeat_interleave(x.shape[1] // frames, dim=1) if per_frame else value
+                cache[key] = (value, part.gather(spread))
+            block_args[name] = cache[key][1]
         out = run_block(block_args)
         runtime.run.summary.merged_calls += 1
         return dict(out, img=x + part.unmerge(out["img"] - merged))

@@ -471,13 +471,17 @@ def wan_config(dim: int = 64, heads: int = 2, layers: int = 2, ffn_dim: int = 12
 
 
 def tiny_wan_model(seed: int = 0, device=None, **config):
-    """A tiny WAN 2.1 text-to-video model (comfy.supported_models.WAN21_T2V, current ComfyUI only) and two
-    conditionings (16 text tokens). Latents are [B, 16, T, H, W] (EmptyHunyuanLatentVideo)."""
+    """A tiny WAN 2.1 text-to-video model (comfy.supported_models.WAN21_T2V; ``model_type="i2v"``: WAN21_I2V, image
+    latent and mask concatenated, image cross-attention; current ComfyUI only) and two conditionings (16 text
+    tokens). Latents are [B, 16, T, H, W] (EmptyHunyuanLatentVideo / WanImageToVideo)."""
     if _need_boot() != "modern":
         raise RuntimeError("WAN models exist only in current ComfyUI")
     import comfy.supported_models
     cfg = wan_config(**config)
-    model = _build(comfy.supported_models.WAN21_T2V, cfg, seed, device)
+    kind = comfy.supported_models.WAN21_T2V
+    if cfg["model_type"] == "i2v":  # WAN 2.1 i2v layout: 16 noise + 20 concat channels (mask + image latent)
+        cfg["in_dim"], kind = 36, comfy.supported_models.WAN21_I2V
+    model = _build(kind, cfg, seed, device)
     return (model, *_cond(cfg["text_dim"], None, seed + 1, tokens=16))
 
 

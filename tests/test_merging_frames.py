@@ -84,3 +84,30 @@ def test_kept_tokens_and_gather_carry_per_token_data():
     # prune-merging the token index itself gives the same answer
     index = torch.arange(24.0)[None, :, None].expand(2, 24, 1).contiguous()
     assert torch.equal(part.merge(index, "prune")[..., 0], kept.float())
+
+
+@pytest.mark.parametrize("config", [RandomGridConfig(0.5),
+                                    ImportanceConfig(0.5, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid")])
+def test_across_frames_merges_a_static_region_over_time(config):
+    """Spatio-temporal merging: two identical frames. A merged token whose twin in the other frame is a destination
+    merges into that twin (the most alike destination of the clip); per-frame merging cannot, so it reconstructs the
+    clip worse."""
+    g = torch.Generator().manual_seed(3)
+    frame = torch.randn(1, 16, 8, generator=g)
+    x = torch.cat([frame, frame], dim=1)  # [1, 2 frames x 16 tokens, 8]
+    grid = TokenGrid(4, 4, frames=2)
+    importance = torch.rand(1, 32, generator=g)
+    kwargs = dict(importance=importance) if isinstance(config, ImportanceConfig) else {}
+    across = frame_partition(x, grid, config, generator=torch.Generator().manual_seed(0), across_frames=True, **kwargs)
+    per_frame = frame_partition(x, grid, config, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert across.frames == 1 and across.sizes.num_kept == per_frame.sizes.num_kept == 16
+    roles = across.roles[0]
+    twin = torch.cat([torch.arange(16, 32), torch.arange(16)])
+    covered = (roles == TokenRole.MERGED) & (roles[twin] == TokenRole.DESTINATION)
+    assert covered.any()
+    slot = across.unmerge(torch.arange(16.0)[None, :, None])[0, :, 0].long()  # the slot each token went to
+    assert torch.equal(across.kept_tokens[0][slot][covered], twin[covered])
+    back = across.unmerge(across.merge(x))
+    error_across = float((back - x).square().sum())
+    error_per_frame = float((per_frame.unmerge(per_frame.merge(x)) - x).square().sum())
+    assert error_across < error_per_frame

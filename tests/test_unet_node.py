@@ -159,6 +159,22 @@ def test_cfg_one_can_force_the_uncond_pass(comfy):
     assert any(len(r["cond_or_uncond"]) == 2 for r in records("probe"))
 
 
+def test_cfg_one_change_mode_uses_how_the_prediction_moved(comfy, caplog):
+    """cfg1_mode = change: no uncond pass, the map is |denoised - previous denoised| from the second evaluation on, so
+    evaluations 3 and 4 use a map; the merge differs from plain ToMe."""
+    caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
+    H.run_prompt(sample_graph(merge=dict(ADVANCED, importance="random"), advanced=True, cfg=1.0).prompt)
+    plain = latent("out").clone()
+    H.run_prompt(sample_graph(merge=dict(ADVANCED, cfg1_mode="change"), advanced=True, cfg=1.0).prompt)
+    changed = latent("out").clone()
+    run = summaries("probe")[-1]
+    assert {r["cond_or_uncond"][0] for r in records("probe")} == {0}  # still no uncond rows
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2 and run.evaluations_without_map == 2
+    assert any("change of the denoised prediction" in f for f in run.fallbacks)
+    assert run.previews[3].importance is not None and run.previews[3].importance.float().std() > 0
+    assert float((changed - plain).abs().max()) > 1e-5  # importance, not plain ToMe, chose the last two partitions
+
+
 def test_several_positive_conds_and_latent_batch(comfy):
     g = sample_graph(batch=2)
     tiny = g.prompt["1"]

@@ -163,3 +163,133 @@ def test_scope_transformer_with_per_token_data_gathers_it(comfy):
     assert torch.equal(seen["pe"][:, :, 0, 0], kept) and torch.equal(seen["vec"][:, :, 0, 0], kept)
     assert seen["img"].shape == (1, 8, 8)
     torch.testing.assert_close(out["img"], x + 1.0)  # every token got its slot's update (+1)
+
+
+def test_scope_transformer_across_frames_spreads_per_frame_modulation(comfy):
+    """Spatio-temporal merging: frames keep different shares, so per-frame modulation [B, T, 6, D] is spread over the
+    frame's tokens and gathered: every slot gets the entry of its kept token's frame."""
+    wan = H.pack_module("nodes.wan")
+    merging = H.pack_module("merging")
+    grid = merging.TokenGrid(2, 4, frames=2)
+    metric = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(1))
+    part = merging.frame_partition(metric, grid, merging.RandomGridConfig(0.5), across_frames=True)
+    assert part.frames == 1 and part.sizes.num_tokens == 16 and part.sizes.num_kept == 8
+    seen = {}
+
+    def original(args):
+        seen.update(args)
+        return {"img": args["img"]}
+
+    class Runtime(wan.WanRuntime):
+        def plan_block(self, x, extra):
+            return wan.LevelMerge(part, "mean")
+
+    runtime = Runtime(H.pack_module("nodes.settings").MergeSettings(scope="transformer",
+                                                                    video_tokens="across_frames"))
+    vec = torch.tensor([10.0, 20.0]).reshape(1, 2, 1, 1).expand(1, 2, 6, 8)  # one entry per latent frame
+    wan.BlockMerge()({"img": torch.randn(1, 16, 8), "vec": vec, "pe": None, "txt": None,
+                      "transformer_options": {"importance_tome": runtime, "grid_sizes": (2, 2, 4)}},
+                     {"original_block": original})
+    frame_of_slot = torch.div(part.kept_tokens, 8, rounding_mode="floor")
+    assert seen["vec"].shape == (1, 8, 6, 8)
+    assert torch.equal(seen["vec"][0, :, 0, 0], (10.0 + 10.0 * frame_of_slot[0]).float())
+
+
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_video_tokens_across_frames_merges_the_clip_as_a_whole(comfy, scope):
+    """video_tokens = across_frames on the Advanced node: the clip keeps half its tokens in all, frames may keep
+    different shares, and the result differs from per-frame merging."""
+    advanced = dict(SIMPLE, scope=scope, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
+    results = {}
+    for tokens in ("per_frame", "across_frames"):
+        g = wan_graph(merge=None, steps=3)
+        g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=["rec", 0],
+                                                     video_tokens=tokens, **advanced)[0]
+        H.run_prompt(g.prompt)
+        results[tokens] = latent("out").clone()
+        run = last_run()
+        assert run.tokens == {0: (36, 18)} and run.maps_captured == 3 and run.fallbacks == []
+        roles = run.previews[2].roles[0][0].reshape(3, 12)  # sample 0: 3 latent frames x 12 tokens
+        kept_per_frame = (roles != 2).sum(1)  # TokenRole 2 = merged away
+        assert int(kept_per_frame.sum()) == 18
+        if tokens == "per_frame":
+            assert kept_per_frame.tolist() == [6, 6, 6]
+    assert torch.isfinite(results["across_frames"]).all()
+    assert float((results["across_frames"] - results["per_frame"]).abs().max()) > 1e-6
+
+
+def test_cfg_one_change_mode_on_wan(comfy):
+    """Distilled / cfg 1 WAN runs: importance from how each token's denoised prediction moved since the previous
+    evaluation ([B, C, T, H, W] -> per-frame map), no uncond pass, used from the third evaluation on."""
+    advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="change", merge_cross_attn=False, merge_seed=0)
+    g = wan_graph(merge=None, steps=4, cfg=1.0)
+    g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge",
+                                                 model=["rec", 0], **advanced)[0]
+    H.run_prompt(g.prompt)
+    changed = latent("out").clone()
+    run = last_run()
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2 and run.tokens == {0: (36, 18)}
+    assert run.previews[3].importance.shape == (1, 3, 6, 8)
+    self_calls = [c for c in calls() if c["q"] == c["k"]]
+    assert {c["q"] for c in self_calls} == {18} and len(self_calls) == 4 * 2  # one (cond only) call per step
+    H.run_prompt(wan_graph(merge=dict(SIMPLE, importance="random"), steps=4, cfg=1.0).prompt)
+    assert float((changed - latent("out")).abs().max()) > 1e-6
+
+
+def test_image_to_video_merges_the_video_tokens(comfy):
+    """WAN i2v (WanImageToVideo: the start image's latent and mask are concatenated as 20 extra input channels, the
+    image cross-attention runs beside the text one): self-attention merges half of each frame, both cross-attention
+    calls see every token."""
+    def i2v_graph(merge):
+        g = Graph()
+        tiny = g.add("HostTestTinyWanModel", seed=0, layers=2, model_type="i2v")
+        model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0]
+        if merge is not None:
+            model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
+        model = g.add("HostTestRuntimeProbe", "probe", model=model)[0]
+        image = g.add("EmptyImage", width=64, height=48, batch_size=1, color=0x808080)
+        codec = g.add("HostTestVideoCodec")
+        i2v = g.add("WanImageToVideo", positive=tiny[1], negative=tiny[2], vae=codec[0], width=64, height=48,
+                    length=9, batch_size=1, start_image=image[0])
+        sampled = g.add("KSampler", model=model, positive=i2v[0], negative=i2v[1], latent_image=i2v[2], seed=3,
+                        steps=3, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+        g.add("HostTestLatentStats", "out", samples=sampled[0])
+        return g
+
+    H.run_prompt(i2v_graph(None).prompt)
+    reference = latent("out").clone()
+    H.run_prompt(i2v_graph(SIMPLE).prompt)
+    merged = latent("out").clone()
+    assert merged.shape == reference.shape == (1, 16, 3, 6, 8)
+    relative = float((merged - reference).norm() / reference.norm())
+    assert 1e-5 < relative < 0.5, relative
+    seen = calls()
+    self_calls = [c for c in seen if c["q"] == c["k"] == 18]
+    assert len(self_calls) == 3 * 2 and all(c["rows"] == 2 for c in self_calls)
+    assert not [c for c in seen if c["q"] == c["k"] == 36]  # no unmerged self-attention left
+    cross = [c for c in seen if c["q"] != c["k"]]
+    assert len(cross) == 2 * 3 * 2 and {c["q"] for c in cross} == {36}  # text + image cross-attention, all tokens
+    run = last_run()
+    assert run.tokens == {0: (36, 18)} and run.maps_captured == 3 and run.fallbacks == []
+
+
+def test_context_windows_along_the_frames_merge_each_window_with_its_frames_map(comfy):
+    """WanContextWindowsManual (windows of 3 latent frames along dim 2 over a 6-frame latent): every window's
+    self-attention runs merged (3 frames x 6 of 12 tokens), with the importance map rows of the window's frames."""
+    g = wan_graph(length=21, steps=3)
+    g.prompt["probe"]["inputs"]["model"] = g.add(
+        "WanContextWindowsManual", model=["merge", 0], context_length=9, context_overlap=5,
+        context_schedule="standard_static", context_stride=1, closed_loop=False, fuse_method="pyramid",
+        freenoise=False)[0]
+    H.run_prompt(g.prompt)
+    out = latent("out")
+    assert out.shape == (1, 16, 6, 6, 8) and torch.isfinite(out).all()
+    self_calls = [c for c in calls() if c["q"] == c["k"]]
+    assert self_calls and {c["q"] for c in self_calls} == {18}  # 3 frames x 6 of 12 tokens per window
+    run = last_run()
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2
+    assert run.tokens == {0: (36, 18)}
+    assert [f for f in run.fallbacks if "importance map" in f] == []  # the map rows matched every window
+    assert any("context windows" in f for f in run.fallbacks)  # no step pictures (said once)

@@ -28,6 +28,11 @@ SDXL = "sd_xl_base_1.0.safetensors"
 POSITIVE = "a lighthouse on a cliff at sunset, detailed, dramatic clouds"
 NEGATIVE = "blurry, low quality"
 MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
+WAN_MERGE = dict(MERGE, scope="transformer")  # WAN: whole blocks (see README "Video diffusion transformers")
+# workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
+# skipped with a reason by tests/test_workflows.py on the 2024 host
+CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json")
+WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
 
 def schema_from_host():
@@ -195,6 +200,119 @@ def video(schema, kind):
     return b.workflow(notes[kind])
 
 
+def demo_video(schema):
+    """The bundled moving-Fashion-MNIST video model (WAN 2.1 architecture): the WAN adapter without a download."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("ITM_DemoVideoModelLoader", (40, 180))
+    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **WAN_MERGE)
+    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="trouser")
+    neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
+    b.link(loader, 0, merge, "model")
+    b.link(loader, 1, pos, "clip")
+    b.link(loader, 1, neg, "clip")
+    latent = b.add("EmptyHunyuanLatentVideo", (40, 460), width=256, height=256, length=13, batch_size=2)
+    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="simple",
+                    denoise=1.0)
+    for (source, slot), name in (((merge, 0), "model"), ((pos, 0), "positive"), ((neg, 0), "negative"),
+                                 ((latent, 0), "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (760, 340))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    preview = b.add("ITM_MergePreview", (760, 460), step=-1, level="first", opacity=0.6)
+    b.link(merge, 0, preview, "model")
+    b.link(decode, 0, preview, "images")
+    shown = b.add("PreviewImage", (1100, 460), title="Merge map per frame (last step)")
+    b.link(preview, 1, shown, "images")
+    save = b.add("SaveAnimatedWEBP", (1100, 40), filename_prefix="importance_tome_demo_video", fps=8.0,
+                 lossless=False, quality=90, method="default")
+    b.link(decode, 0, save, "images")
+    return b.workflow("The pack's bundled video model (WAN 2.1 architecture, trained by the pack on moving "
+                      "Fashion-MNIST): name a class in the positive prompt. 256x256, 13 frames = 4 latent frames of "
+                      "16x16 tokens; each frame's tokens are merged within the frame, whole WAN blocks at a time. "
+                      "Needs current ComfyUI.")
+
+
+def wan_models(b, unet, shift_x, y):
+    """UNETLoader → ModelSamplingSD3 (shift 8) → merging node; returns the merging node."""
+    loader = b.add("UNETLoader", (40, y), unet_name=unet, weight_dtype="default")
+    shift = b.add("ModelSamplingSD3", (shift_x, y), shift=8.0)
+    merge = b.add("ITM_ImportanceTokenMerging", (shift_x + 340, y), **WAN_MERGE)
+    b.link(loader, 0, shift, "model")
+    b.link(shift, 0, merge, "model")
+    return merge
+
+
+def wan_text(b, y):
+    clip = b.add("CLIPLoader", (40, y), clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan",
+                 device="default")
+    vae = b.add("VAELoader", (40, y + 200), vae_name="wan_2.1_vae.safetensors")
+    pos = b.add("CLIPTextEncode", (420, y), title="Positive",
+                text="a red fox trotting through fresh snow in a pine forest, morning light, slow tracking shot")
+    neg = b.add("CLIPTextEncode", (420, y + 220), title="Negative", text=WAN_NEGATIVE)
+    b.link(clip, 0, pos, "clip")
+    b.link(clip, 0, neg, "clip")
+    return vae, pos, neg
+
+
+def decode_video(b, latent_source, vae, x, prefix):
+    decode = b.add("VAEDecode", (x, 300))
+    b.link(latent_source, 0, decode, "samples")
+    b.link(vae, 0, decode, "vae")
+    video = b.add("CreateVideo", (x + 260, 300), fps=16.0)
+    b.link(decode, 0, video, "images")
+    save = b.add("SaveVideo", (x + 520, 300), filename_prefix=prefix, format="auto", codec="auto")
+    b.link(video, 0, save, "video")
+
+
+def wan21_t2v(schema):
+    """WAN 2.1 text to video (1.3B, 832x480, 33 frames), the merging node after the model's shift."""
+    b = WorkflowBuilder(schema)
+    merge = wan_models(b, "wan2.1_t2v_1.3B_fp16.safetensors", 420, 40)
+    vae, pos, neg = wan_text(b, 300)
+    latent = b.add("EmptyHunyuanLatentVideo", (420, 760), width=832, height=480, length=33, batch_size=1)
+    sampler = b.add("KSampler", (1180, 40), seed=0, steps=30, cfg=6.0, sampler_name="uni_pc", scheduler="simple",
+                    denoise=1.0)
+    for source, name in ((merge, "model"), (pos, "positive"), (neg, "negative"), (latent, "latent_image")):
+        b.link(source, 0, sampler, name)
+    decode_video(b, sampler, vae, 1180, "importance_tome_wan21")
+    return b.workflow("WAN 2.1 text to video (1.3B, 832x480, 33 frames = 9 latent frames of 52x30 tokens): each "
+                      "latent frame's tokens are merged within the frame, whole blocks at a time, with the importance "
+                      "map of the previous step. Models: the Comfy-Org WAN 2.1 repackaged files.")
+
+
+def wan22_i2v(schema):
+    """WAN 2.2 14B image to video: high-noise and low-noise models, each with its own merging node."""
+    b = WorkflowBuilder(schema)
+    high = wan_models(b, "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors", 420, 40)
+    low = wan_models(b, "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors", 420, 1000)
+    vae, pos, neg = wan_text(b, 300)
+    image = b.add("LoadImage", (40, 760), image="example.png")
+    i2v = b.add("WanImageToVideo", (420, 760), width=640, height=640, length=81, batch_size=1)
+    b.link(pos, 0, i2v, "positive")
+    b.link(neg, 0, i2v, "negative")
+    b.link(vae, 0, i2v, "vae")
+    b.link(image, 0, i2v, "start_image")
+    first = b.add("KSamplerAdvanced", (1180, 40), add_noise="enable", noise_seed=0, steps=20, cfg=3.5,
+                  sampler_name="euler", scheduler="simple", start_at_step=0, end_at_step=10,
+                  return_with_leftover_noise="enable")
+    second = b.add("KSamplerAdvanced", (1180, 700), add_noise="disable", noise_seed=0, steps=20, cfg=3.5,
+                   sampler_name="euler", scheduler="simple", start_at_step=10, end_at_step=10000,
+                   return_with_leftover_noise="disable")
+    b.link(high, 0, first, "model")
+    b.link(low, 0, second, "model")
+    for sampler in (first, second):
+        b.link(i2v, 0, sampler, "positive")
+        b.link(i2v, 1, sampler, "negative")
+    b.link(i2v, 2, first, "latent_image")
+    b.link(first, 0, second, "latent_image")
+    decode_video(b, second, vae, 1580, "importance_tome_wan22_i2v")
+    return b.workflow("WAN 2.2 14B image to video (640x640, 81 frames): the high-noise model samples steps 0-10, "
+                      "the low-noise model 10-20; each has its own merging node (the low-noise pass starts with one "
+                      "warm-up step, then uses its own importance maps). Put your image in ComfyUI's input folder "
+                      "as example.png.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -243,8 +361,11 @@ def load_animatediff(path):
         folder_paths.models_dir = models_dir
 
 
-def examples(schema, animatediff_nodes=False):
+def examples(schema, animatediff_nodes=False, current=True):
     extra = {"sd15_animatediff.json": animatediff(schema)} if animatediff_nodes else {}
+    if current:
+        extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
+                      "wan22_i2v.json": wan22_i2v(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),
@@ -273,7 +394,10 @@ def main():
         load_animatediff(ade)
     else:
         print("ITM_ADE_PATH is not set: sd15_animatediff.json is left as it is")  # noqa: T201
-    for name, workflow in examples(schema_from_host(), animatediff_nodes=bool(ade)).items():
+    current = comfy_harness.host_kind() == "modern"
+    if not current:
+        print(f"the 2024 host has no WAN nodes: {', '.join(CURRENT_ONLY)} are left as they are")  # noqa: T201
+    for name, workflow in examples(schema_from_host(), animatediff_nodes=bool(ade), current=current).items():
         with open(os.path.join(HERE, name), "w", encoding="utf-8") as handle:
             json.dump(workflow, handle, indent=1)
             handle.write("\n")

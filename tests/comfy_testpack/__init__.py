@@ -256,14 +256,15 @@ class HostTestTinyWanModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
-                             "layers": ("INT", {"default": 2, "min": 1, "max": 40})}}
+                             "layers": ("INT", {"default": 2, "min": 1, "max": 40})},
+                "optional": {"model_type": (["t2v", "i2v"], {"default": "t2v"})}}
 
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
     FUNCTION = "build"
     CATEGORY = "testing/host"
 
-    def build(self, seed, layers):
-        return _boot().tiny_wan_model(seed=seed, layers=layers)
+    def build(self, seed, layers, model_type="t2v"):
+        return _boot().tiny_wan_model(seed=seed, layers=layers, model_type=model_type)
 
 
 class HostTestAttentionRecorder(_ModelProbe):
@@ -325,6 +326,13 @@ class HostTestVideoCodec:
 
         def temporal_compression_decode(self):
             return 4
+
+        def encode(self, pixels):
+            """[F, H, W, 3] frames -> [1, 16, 1 + (F - 1) // 4, H / 8, W / 8] (frames 0, 4, 8, ... pooled)."""
+            import torch.nn.functional as F
+
+            grey = pixels[0::4, ..., :3].float().mean(dim=-1)[None]
+            return (F.avg_pool2d(grey, 8) * 2 - 1)[:, None].expand(-1, 16, -1, -1, -1).contiguous()
 
         def decode(self, samples):
             import torch

@@ -61,3 +61,34 @@ def real_images(split: str = "test"):
     """Real images as the models see them: grayscale [N, 32, 32] in [0, 1] and labels [N]."""
     images, labels = load_images(split)
     return to_image(to_latent(images)), labels
+
+
+VIDEO_CANVAS = 32
+VIDEO_GARMENT = 20
+
+
+def moving_clips(images, frames: int, generator):
+    """Moving Fashion-MNIST: uint8 garments [N, 28, 28] → clips [N, frames, 32, 32] in [-1, 1].
+
+    Each garment is shrunk to 20×20 and slides in a straight line over a 32×32 background (value -1), by a whole
+    number of pixels per frame between -3 and 3 on each axis, starting where it stays inside for all ``frames``."""
+    import torch
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    room = VIDEO_CANVAS - VIDEO_GARMENT
+    small = F.interpolate(images.float()[:, None] / 127.5 - 1.0, size=(VIDEO_GARMENT, VIDEO_GARMENT),
+                          mode="bilinear", align_corners=False, antialias=True)[:, 0].clamp(-1, 1)
+    span = frames - 1
+    top = max(1, room // max(1, span))
+    velocity = torch.randint(-min(3, top), min(3, top) + 1, (n, 2), generator=generator)
+    low = (-velocity * span).clamp(min=0)
+    high = room - (velocity * span).clamp(min=0)
+    start = low + (torch.rand(n, 2, generator=generator) * (high - low + 1)).long().clamp(max=high - low)
+    clips = torch.full((n, frames, VIDEO_CANVAS, VIDEO_CANVAS), -1.0)
+    for k in range(frames):
+        pos = start + velocity * k
+        for i in range(n):
+            y, x = int(pos[i, 0]), int(pos[i, 1])
+            clips[i, k, y:y + VIDEO_GARMENT, x:x + VIDEO_GARMENT] = small[i]
+    return clips

@@ -18,16 +18,16 @@ cond and uncond whatever the call layout, as for UNets; ``partition_reuse = bloc
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from ..merging import TokenGrid, frame_partition, pool_to_grid
-from .runtime import LevelMerge, MergeRuntime, attach, chunk_ids, detach, runtime_of
+from ..merging import TokenGrid
+from .dit import VideoDiTRuntime
+from .runtime import LevelMerge, attach, detach, runtime_of
 from .settings import MergeSettings
 
 OVERRIDE = "optimized_attention_override"
-SITE = 0  # one merge site: the self-attention of every block (the preview's "level")
 
 
 def supports(model) -> bool:
@@ -42,8 +42,10 @@ def supports(model) -> bool:
     return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is WanModel
 
 
-class WanRuntime(MergeRuntime):
-    """Which attention calls of a WAN forward are merged, and how a step's per-frame partition is built."""
+class WanRuntime(VideoDiTRuntime):
+    """Which attention calls of a WAN forward are merged (the partitions: :class:`nodes.dit.VideoDiTRuntime`)."""
+
+    family = "WAN"
 
     def plan(self, q, k, v, kwargs: dict, extra: dict) -> Optional[LevelMerge]:
         """The merge for this attention call (``scope = attention``), or None to run it as it is."""
@@ -59,7 +61,7 @@ class WanRuntime(MergeRuntime):
             self.note("layout", "self-attention called with another tensor layout or a mask; left unmerged")
             return None
         if q.ndim != 3 or k.ndim != 3 or v.ndim != 3 or not q.shape[1] == k.shape[1] == v.shape[1]:
-            return self._refuse(q.shape[1], extra)
+            return self.refuse(q.shape[1], self._grid(extra))
         return self._site_merge("self", k, extra)
 
     def plan_block(self, x: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
@@ -78,90 +80,13 @@ class WanRuntime(MergeRuntime):
             return None
         return self.begin_forward(extra, extra)  # a forward = one transformer_options dict (a new one per call)
 
-    def _site_merge(self, kind: str, metric: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
-        """This forward's merge of ``metric``'s tokens (keys or block input) on the latent grid, cached per forward."""
-        frames, height, width = (int(v) for v in extra["grid_sizes"])
-        grid = TokenGrid(height, width, frames)
-        if metric.shape[1] != grid.num_tokens:
-            return self._refuse(metric.shape[1], extra)
-        self._fallbacks_once()
-        block = extra["block_index"] if self.settings.partition_reuse == "block" else None
-        key = (kind, block, frames, height, width, metric.shape[0])
-        run = self.run
-        if key not in run.partitions:
-            run.partitions[key] = self._forward_merge(metric, extra, grid, key)
-        return run.partitions[key]
-
-    def _refuse(self, tokens: int, extra: dict) -> None:
-        frames, height, width = (int(v) for v in extra["grid_sizes"])
-        self.note("tokens", "%d tokens where the latent grid %dx%dx%d has %d (reference tokens?); left unmerged",
-                  tokens, frames, height, width, frames * height * width)
-        return None
-
-    def _fallbacks_once(self) -> None:
-        s = self.settings
-        if s.tiles != "1x1" or s.temporal_ratio > 0 or s.merge_cross_attn:
-            self.note("unet-only", "tiles, temporal_ratio and merge_cross_attn apply to UNet models; ignored on WAN")
-
-    def _forward_merge(self, k: torch.Tensor, extra: dict, grid: TokenGrid, key) -> Optional[LevelMerge]:
-        """This forward's merge (``k``: the rows' features, keys or block inputs), from the step's per-sample one."""
-        chunks = len(extra.get("cond_or_uncond") or [0]) or 1
-        if k.shape[0] % chunks:
-            self.note("rows", "batch of %d rows does not split into %d cond chunks; left unmerged", k.shape[0], chunks)
-            return None
-        samples = k.shape[0] // chunks
-        base = self.step_merge(key[:2] + (grid, samples), chunk_ids(extra, chunks),
-                               lambda: self._make_partition(k[:samples], extra, grid))
-        if base is None:
-            return None
-        rows = torch.arange(k.shape[0], device=k.device) % samples
-        return LevelMerge(base.partition.take_rows(rows), base.mode)
-
     @staticmethod
-    def _window(extra: dict, grid: TokenGrid) -> Optional[List[int]]:
-        """The latent frames of the context window being computed (core context windows along dim 2), or None. The
-        window object outlives the windowed call, so it is only believed when its length is this call's."""
-        window = extra.get("context_window")
-        if window is None or getattr(window, "dim", None) != 2:
-            return None
-        index = [int(i) for i in (getattr(window, "index_list", None) or [])]
-        return index if len(index) == grid.frames else None
+    def _grid(extra: dict) -> TokenGrid:
+        frames, height, width = (int(n) for n in extra["grid_sizes"])
+        return TokenGrid(height, width, frames)
 
-    def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
-        imap = self.run.map
-        if imap is None or imap.ndim != 4:
-            return None
-        index = self._window(extra, grid)
-        if index is not None and max(index) < imap.shape[1]:  # a window: the map's frames of the window, in order
-            imap = imap[:, torch.as_tensor(index, dtype=torch.long, device=imap.device)]
-        if imap.shape[0] != samples:
-            self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
-                      imap.shape[0], samples)
-            return None
-        if imap.shape[1] != grid.frames:
-            self.note("frames", "importance map has %d latent frames but the model call has %d; using random "
-                      "merging for it", imap.shape[1], grid.frames)
-            return None
-        return imap
-
-    def _make_partition(self, metric: torch.Tensor, extra: dict, grid: TokenGrid) -> Optional[LevelMerge]:
-        settings = self.settings
-        importance = self._map_rows(metric.shape[0], extra, grid) if settings.importance == "cfg" else None
-
-        across = settings.video_tokens == "across_frames"
-
-        def build():
-            if importance is None:
-                return frame_partition(metric, grid, settings.random_config(), generator=self.run.generator,
-                                       across_frames=across)
-            return frame_partition(metric, grid, settings.importance_config(), generator=self.run.generator,
-                                   importance=pool_to_grid(importance.to(metric.device), grid), across_frames=across)
-
-        frames = list(range(metric.shape[0]))
-        if self._window(extra, grid) is not None:
-            self.note("preview", "context windows along the frames: no step pictures for the preview node")
-            frames = None
-        return self.site_merge(SITE, grid, build, importance is not None, frames)
+    def _site_merge(self, kind: str, metric: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
+        return self.grid_merge(kind, metric, extra, self._grid(extra), extra["block_index"])
 
 
 class SelfAttentionOverride:

@@ -485,6 +485,30 @@ def tiny_wan_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["text_dim"], None, seed + 1, tokens=16))
 
 
+def hunyuan_config(hidden: int = 64, heads: int = 2, double: int = 2, single: int = 2, text_dim: int = 32,
+                   pooled_dim: int = 32) -> dict:
+    """A HunyuanVideo config (ComfyUI's own class; the real model is hidden 3072, 24 heads, 20 double and 40 single
+    blocks, text 4096, pooled 768, axes (16, 56, 56))."""
+    head = hidden // heads
+    axes = [head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8]
+    return {"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
+            "context_in_dim": text_dim, "hidden_size": hidden, "mlp_ratio": 2.0, "num_heads": heads, "depth": double,
+            "depth_single_blocks": single, "axes_dim": axes, "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+            "guidance_embed": True, "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+            "vision_in_dim": None, "meanflow_sum": False}
+
+
+def tiny_hunyuan_model(seed: int = 0, device=None, **config):
+    """A tiny HunyuanVideo text-to-video model (comfy.supported_models.HunyuanVideo, current ComfyUI only) and two
+    conditionings (12 text tokens + pooled vector). Latents are [B, 16, T, H, W] (EmptyHunyuanLatentVideo)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("this HunyuanVideo model class exists only in current ComfyUI")
+    import comfy.supported_models
+    cfg = hunyuan_config(**config)
+    model = _build(comfy.supported_models.HunyuanVideo, cfg, seed, device)
+    return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=12))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

@@ -267,6 +267,23 @@ class HostTestTinyWanModel:
         return _boot().tiny_wan_model(seed=seed, layers=layers, model_type=model_type)
 
 
+class HostTestTinyHunyuanModel:
+    """A tiny HunyuanVideo t2v model (ComfyUI's own class) with two conditionings; current ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "double": ("INT", {"default": 2, "min": 0, "max": 40}),
+                             "single": ("INT", {"default": 2, "min": 0, "max": 40})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, double, single):
+        return _boot().tiny_hunyuan_model(seed=seed, double=double, single=single)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
@@ -281,8 +298,10 @@ class HostTestAttentionRecorder(_ModelProbe):
         def recorder(func, *args, **kwargs):
             extra = kwargs.get("transformer_options") or {}
             q, k, v = args[:3]
+            axis = 2 if kwargs.get("skip_reshape") else 1  # [B, heads, L, D] or [B, L, heads * D]
             records.append({"q": int(q.shape[1]), "k": int(k.shape[1]), "v": int(v.shape[1]), "rows": int(q.shape[0]),
-                            "block_index": extra.get("block_index"), "grid_sizes": extra.get("grid_sizes")})
+                            "length": int(q.shape[axis]), "block_index": extra.get("block_index"),
+                            "block_type": extra.get("block_type"), "grid_sizes": extra.get("grid_sizes")})
             out = func(*args, **kwargs)
             records[-1]["out"] = int(out.shape[1])
             return out
@@ -350,6 +369,7 @@ class HostTestVideoCodec:
 
 NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec
 NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
+NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

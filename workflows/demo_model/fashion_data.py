@@ -92,3 +92,30 @@ def moving_clips(images, frames: int, generator):
             y, x = int(pos[i, 0]), int(pos[i, 1])
             clips[i, k, y:y + VIDEO_GARMENT, x:x + VIDEO_GARMENT] = small[i]
     return clips
+
+
+def garment_crops(frames):
+    """Grayscale video frames [N, 32, 32] in [0, 1] → the 20×20 window holding the most garment (brightest sum),
+    scaled back to 28×28 and padded to 32×32 like the still images, so the image classifier can read them."""
+    import torch
+    import torch.nn.functional as F
+
+    size = VIDEO_GARMENT
+    sums = F.avg_pool2d(frames[:, None].float(), size, stride=1)[:, 0]  # [N, 13, 13]
+    best = sums.flatten(1).argmax(1)
+    ys, xs = best // sums.shape[-1], best % sums.shape[-1]
+    crops = torch.stack([frames[i, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys.tolist(), xs.tolist()))])
+    big = F.interpolate(crops[:, None].float(), size=(28, 28), mode="bilinear", align_corners=False)[:, 0]
+    return F.pad(big, (2, 2, 2, 2), value=0.0).clamp(0, 1)
+
+
+def garment_centre(frames):
+    """Centre of brightness (y, x) of frames [N, 32, 32] in [0, 1], in pixels: [N, 2]."""
+    import torch
+
+    weight = frames.float().clamp(min=0)
+    total = weight.sum(dim=(1, 2)).clamp(min=1e-6)
+    coords = torch.arange(frames.shape[-1], dtype=torch.float32)
+    y = (weight.sum(2) * coords).sum(1) / total
+    x = (weight.sum(1) * coords).sum(1) / total
+    return torch.stack([y, x], dim=1)

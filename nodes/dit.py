@@ -1,0 +1,109 @@
+"""Family-neutral part of the video DiT adapters (WAN, HunyuanVideo): partitions of ``(t h w)`` image tokens.
+
+An adapter knows where its image tokens are and gives :meth:`VideoDiTRuntime.grid_merge` their features (keys or a
+block's input) and the latent token grid; this class builds one partition per step and sample (per latent frame by
+default, across the clip with ``video_tokens = across_frames``), from the CFG importance map of the previous step
+pooled onto the grid, shares it between the forwards of a step that serve other cond chunks (cond and uncond in
+separate calls) and between all blocks of a forward, slices the map for context windows along the frames, and
+records the step's picture for the preview node.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..merging import TokenGrid, frame_partition, pool_to_grid
+from .runtime import LevelMerge, MergeRuntime, chunk_ids
+
+SITE = 0  # one merge site per video DiT (the preview's "level")
+
+
+class VideoDiTRuntime(MergeRuntime):
+    """Partitions of a video DiT's image tokens; the adapter subclass decides which calls are merged."""
+
+    family = "video transformers"
+
+    def grid_merge(self, kind: str, metric: torch.Tensor, extra: dict, grid: TokenGrid,
+                   block_index: Optional[int]) -> Optional[LevelMerge]:
+        """This forward's merge of ``metric``'s tokens ([rows, grid tokens, C]) on ``grid``, cached per forward
+        (``partition_reuse = block``: per block); None leaves the call unmerged."""
+        if metric.shape[1] != grid.num_tokens:
+            return self.refuse(metric.shape[1], grid)
+        self._fallbacks_once()
+        block = block_index if self.settings.partition_reuse == "block" else None
+        key = (kind, block, grid.frames, grid.height, grid.width, metric.shape[0])
+        run = self.run
+        if key not in run.partitions:
+            run.partitions[key] = self._forward_merge(metric, extra, grid, key)
+        return run.partitions[key]
+
+    def refuse(self, tokens: int, grid: TokenGrid) -> None:
+        self.note("tokens", "%d tokens where the latent grid %dx%dx%d has %d (reference tokens?); left unmerged",
+                  tokens, grid.frames, grid.height, grid.width, grid.num_tokens)
+        return None
+
+    def _fallbacks_once(self) -> None:
+        s = self.settings
+        if s.tiles != "1x1" or s.temporal_ratio > 0 or s.merge_cross_attn:
+            self.note("unet-only", "tiles, temporal_ratio and merge_cross_attn apply to UNet models; ignored on %s",
+                      self.family)
+
+    def _forward_merge(self, k: torch.Tensor, extra: dict, grid: TokenGrid, key) -> Optional[LevelMerge]:
+        """This forward's merge (``k``: the rows' features, keys or block inputs), from the step's per-sample one."""
+        chunks = len(extra.get("cond_or_uncond") or [0]) or 1
+        if k.shape[0] % chunks:
+            self.note("rows", "batch of %d rows does not split into %d cond chunks; left unmerged", k.shape[0], chunks)
+            return None
+        samples = k.shape[0] // chunks
+        base = self.step_merge(key[:2] + (grid, samples), chunk_ids(extra, chunks),
+                               lambda: self._make_partition(k[:samples], extra, grid))
+        if base is None:
+            return None
+        rows = torch.arange(k.shape[0], device=k.device) % samples
+        return LevelMerge(base.partition.take_rows(rows), base.mode)
+
+    @staticmethod
+    def _window(extra: dict, grid: TokenGrid) -> Optional[List[int]]:
+        """The latent frames of the context window being computed (core context windows along dim 2), or None. The
+        window object outlives the windowed call, so it is only believed when its length is this call's."""
+        window = extra.get("context_window")
+        if window is None or getattr(window, "dim", None) != 2:
+            return None
+        index = [int(i) for i in (getattr(window, "index_list", None) or [])]
+        return index if len(index) == grid.frames else None
+
+    def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
+        imap = self.run.map
+        if imap is None or imap.ndim != 4:
+            return None
+        index = self._window(extra, grid)
+        if index is not None and max(index) < imap.shape[1]:  # a window: the map's frames of the window, in order
+            imap = imap[:, torch.as_tensor(index, dtype=torch.long, device=imap.device)]
+        if imap.shape[0] != samples:
+            self.note("batch", "importance map has %d samples but the model call has %d; using random merging for it",
+                      imap.shape[0], samples)
+            return None
+        if imap.shape[1] != grid.frames:
+            self.note("frames", "importance map has %d latent frames but the model call has %d; using random "
+                      "merging for it", imap.shape[1], grid.frames)
+            return None
+        return imap
+
+    def _make_partition(self, metric: torch.Tensor, extra: dict, grid: TokenGrid) -> Optional[LevelMerge]:
+        settings = self.settings
+        importance = self._map_rows(metric.shape[0], extra, grid) if settings.importance == "cfg" else None
+        across = settings.video_tokens == "across_frames"
+
+        def build():
+            if importance is None:
+                return frame_partition(metric, grid, settings.random_config(), generator=self.run.generator,
+                                       across_frames=across)
+            return frame_partition(metric, grid, settings.importance_config(), generator=self.run.generator,
+                                   importance=pool_to_grid(importance.to(metric.device), grid), across_frames=across)
+
+        frames = list(range(metric.shape[0]))
+        if self._window(extra, grid) is not None:
+            self.note("preview", "context windows along the frames: no step pictures for the preview node")
+            frames = None
+        return self.site_merge(SITE, grid, build, importance is not None, frames)

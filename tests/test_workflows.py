@@ -16,7 +16,7 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 # node types of third-party packs that some workflows use (prefix -> pack); only these may be missing on a host
 THIRD_PARTY = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
 # workflows of model families that only current ComfyUI has (WAN): skipped with the reason on the 2024 host
-CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json"}
+CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json"}
 
 
 def _class(name):
@@ -34,7 +34,7 @@ def _require_node_types(workflow):
     import nodes
 
     if workflow.get("_name") in CURRENT_ONLY and H.host_kind() != "modern":
-        pytest.skip(f"{workflow['_name']} uses WAN nodes (CLIPLoader type wan, EmptyHunyuanLatentVideo, "
+        pytest.skip(f"{workflow['_name']} uses video-DiT nodes (CLIPLoader type wan, EmptyHunyuanLatentVideo, "
                     "WanImageToVideo, CreateVideo) that the 2024 host does not have")
     types = {node["type"] for node in workflow["nodes"]}
     needed = {prefix: pack for prefix, pack in THIRD_PARTY.items() if any(t.startswith(prefix) for t in types)}
@@ -97,12 +97,14 @@ def test_workflow_validates_in_comfyui(comfy, path, tmp_path):
                    "ImageOnlyCheckpointLoader": ("checkpoints", "ckpt_name"),
                    "ADE_LoadAnimateDiffModel": ("animatediff_models", "model_name"),
                    "UNETLoader": ("diffusion_models", "unet_name"), "CLIPLoader": ("text_encoders", "clip_name"),
+                   "DualCLIPLoader": ("text_encoders", "clip_name1", "clip_name2"),
                    "VAELoader": ("vae", "vae_name")}  # (folder, input): stubbed
     for node in prompt.values():
         if node["class_type"] in model_files:
-            folder, name = model_files[node["class_type"]]
+            folder, *names = model_files[node["class_type"]]
             (tmp_path / folder).mkdir(exist_ok=True)
-            (tmp_path / folder / node["inputs"][name]).write_bytes(b"")
+            for name in names:
+                (tmp_path / folder / node["inputs"][name]).write_bytes(b"")
             folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
     open(os.path.join(folder_paths.get_input_directory(), "example.png"), "wb").close()
     H.validate_prompt(prompt)

@@ -31,7 +31,7 @@ MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, le
 WAN_MERGE = dict(MERGE, scope="transformer")  # WAN: whole blocks (see README "Video diffusion transformers")
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
-CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json")
+CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json")
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
 
@@ -313,6 +313,45 @@ def wan22_i2v(schema):
                       "as example.png.")
 
 
+def hunyuan_t2v(schema):
+    """HunyuanVideo text to video (848x480, 73 frames) with ComfyUI's custom sampler nodes, cfg 1 + FluxGuidance."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("UNETLoader", (40, 40), unet_name="hunyuan_video_t2v_720p_bf16.safetensors", weight_dtype="default")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **MERGE)
+    b.link(loader, 0, merge, "model")
+    clip = b.add("DualCLIPLoader", (40, 300), clip_name1="clip_l.safetensors",
+                 clip_name2="llava_llama3_fp8_scaled.safetensors", type="hunyuan_video", device="default")
+    vae = b.add("VAELoader", (40, 520), vae_name="hunyuan_video_vae_bf16.safetensors")
+    text = b.add("CLIPTextEncode", (420, 300), title="Prompt",
+                 text="a red fox trotting through fresh snow in a pine forest, morning light, slow tracking shot")
+    b.link(clip, 0, text, "clip")
+    guidance = b.add("FluxGuidance", (420, 540), guidance=6.0)
+    b.link(text, 0, guidance, "conditioning")
+    guider = b.add("BasicGuider", (800, 40))
+    b.link(merge, 0, guider, "model")
+    b.link(guidance, 0, guider, "conditioning")
+    noise = b.add("RandomNoise", (800, 200), noise_seed=0)
+    sampler = b.add("KSamplerSelect", (800, 340), sampler_name="euler")
+    schedule = b.add("BasicScheduler", (800, 460), scheduler="simple", steps=20, denoise=1.0)
+    b.link(merge, 0, schedule, "model")
+    latent = b.add("EmptyHunyuanLatentVideo", (800, 640), width=848, height=480, length=73, batch_size=1)
+    run = b.add("SamplerCustomAdvanced", (1180, 40))
+    for source, name in ((noise, "noise"), (guider, "guider"), (sampler, "sampler"), (schedule, "sigmas"),
+                         (latent, "latent_image")):
+        b.link(source, 0, run, name)
+    decode = b.add("VAEDecodeTiled", (1180, 400), tile_size=256, overlap=64, temporal_size=64, temporal_overlap=8)
+    b.link(run, 0, decode, "samples")
+    b.link(vae, 0, decode, "vae")
+    video = b.add("CreateVideo", (1440, 400), fps=24.0)
+    b.link(decode, 0, video, "images")
+    save = b.add("SaveVideo", (1700, 400), filename_prefix="importance_tome_hunyuan", format="auto", codec="auto")
+    b.link(video, 0, save, "video")
+    return b.workflow("HunyuanVideo text to video (848x480, 73 frames = 19 latent frames of 53x30 tokens) with "
+                      "ComfyUI's custom sampler; guidance-distilled, so cfg 1 with FluxGuidance. Without an uncond "
+                      "pass there is no CFG importance map: the node merges with its cfg = 1 source (see README). The "
+                      "joint attention's image tokens are merged per latent frame; text tokens never.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -365,7 +404,7 @@ def examples(schema, animatediff_nodes=False, current=True):
     extra = {"sd15_animatediff.json": animatediff(schema)} if animatediff_nodes else {}
     if current:
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
-                      "wan22_i2v.json": wan22_i2v(schema)})
+                      "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

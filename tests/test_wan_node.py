@@ -293,3 +293,28 @@ def test_context_windows_along_the_frames_merge_each_window_with_its_frames_map(
     assert run.tokens == {0: (36, 18)}
     assert [f for f in run.fallbacks if "importance map" in f] == []  # the map rows matched every window
     assert any("context windows" in f for f in run.fallbacks)  # no step pictures (said once)
+
+
+@pytest.mark.parametrize("cache", ["EasyCache", "LazyCache"])
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_composes_with_core_step_caching(comfy, cache, scope):
+    """ComfyUI's EasyCache / LazyCache skip model passes whose input barely changed and reuse a cached output: runs
+    with merging and caching finish, the passes that do run are merged, and the result stays close to caching alone."""
+    def graph_with_cache(merge):
+        g = wan_graph(merge=None, steps=8, record=False)
+        model = g.add(cache, "cache", model=["1", 0], reuse_threshold=0.3, start_percent=0.15, end_percent=0.95,
+                      verbose=False)[0]
+        if merge is not None:
+            model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
+        g.prompt["probe"]["inputs"]["model"] = model
+        return g
+
+    H.run_prompt(graph_with_cache(None).prompt)
+    cached = latent("out").clone()
+    H.run_prompt(graph_with_cache(dict(SIMPLE, scope=scope)).prompt)
+    both = latent("out").clone()
+    assert torch.isfinite(both).all()
+    relative = float((both - cached).norm() / cached.norm())
+    assert relative < 0.5, relative
+    run = last_run()
+    assert run.tokens == {0: (36, 18)} and run.merged_calls > 0 and run.maps_captured >= 1

@@ -3,7 +3,8 @@ t2v / i2v, SkyReels). Current ComfyUI only.
 
 HunyuanVideo runs Flux-style blocks: double-stream blocks (image and text tokens in separate streams, one joint
 attention over ``cat(txt, img)``), then single-stream blocks on ``cat(txt, img)``. Image tokens are ``(t h w)`` with a
-1×2×2 patch; text tokens are never merged. The token grid comes from the latent: a ``DIFFUSION_MODEL`` wrapper reads
+1×2×2 patch and always come last (a reference latent is prepended to them); text and reference tokens are never
+merged. The token grid comes from the latent: a ``DIFFUSION_MODEL`` wrapper reads
 it before every forward. Two merge sites (``scope``):
 
 * ``attention`` (default): inside ComfyUI's attention override, the image part of the joint attention's q / k / v
@@ -88,15 +89,16 @@ def grid_wrapper(executor, x, *args, **kwargs):
         runtime.grid = None
 
 
-def _mask_for(mask, text: int, kept: int, runtime) -> tuple:
-    """(usable, the attention mask cut to ``text + kept`` tokens); its image part must be all zeros."""
+def _mask_for(mask, kept: int, runtime) -> tuple:
+    """(usable, the attention mask with its image part, the last tokens, cut to ``kept``); that part must be all
+    zeros (HunyuanVideo masks only padded text tokens)."""
     if mask is None:
         return True, None
-    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != text + runtime.grid.num_tokens or \
-            bool(mask[..., text:].abs().amax() > 0):
+    before = mask.shape[-1] - runtime.grid.num_tokens if isinstance(mask, torch.Tensor) else -1
+    if before < 0 or bool(mask[..., before:].abs().amax() > 0):
         runtime.note("mask", "an attention mask over the image tokens; those calls are left unmerged")
         return False, None
-    return True, mask[..., :text + kept]
+    return True, mask[..., :before + kept]
 
 
 class JointAttentionOverride:
@@ -127,7 +129,7 @@ class JointAttentionOverride:
         if plan is None:
             return self._call(func, args, kwargs)
         part = plan.partition
-        usable, mask = _mask_for(kwargs.get("mask"), text, part.sizes.num_kept, runtime)
+        usable, mask = _mask_for(kwargs.get("mask"), part.sizes.num_kept, runtime)
         if not usable:
             return self._call(func, args, kwargs)
 
@@ -163,36 +165,34 @@ class BlockMerge:
             return run_block(args)
         double = self.kind == "double_block"
         image = runtime.grid.num_tokens
-        text = 0 if double else x.shape[1] - image  # single blocks run on cat(txt, img)
-        plan = runtime.plan(x.shape[1], lambda: x[:, text:], options, "block") if text >= 0 else None
+        before = x.shape[1] - image  # image tokens come last: after the text (single blocks) and any reference latent
+        plan = runtime.plan(x.shape[1], lambda: x[:, before:], options, "block") if before >= 0 else None
         if plan is None:
             return run_block(args)
         part = plan.partition
         kept = part.sizes.num_kept
-        pe_text = args["txt"].shape[1] if double else text  # RoPE covers cat(txt, img) in both kinds of block
-        usable, mask = _mask_for(args.get("attention_mask"), pe_text, kept, runtime)
+        pe = args.get("pe")  # RoPE over cat(txt, [reference,] img) in both kinds of block: token axis 2
+        pe_before = pe.shape[2] - image if isinstance(pe, torch.Tensor) and pe.ndim >= 3 else -1
+        usable, mask = _mask_for(args.get("attention_mask"), kept, runtime)
         dims_key = "modulation_dims_img" if double else "modulation_dims"
-        dims = _merged_dims(args.get(dims_key), part, runtime, offset=text)
+        dims = _merged_dims(args.get(dims_key), part, runtime, offset=before)
         if not usable or dims is False:
             return run_block(args)
-        img = x[:, text:]
+        img = x[:, before:]
         merged = part.merge(img, plan.mode)
-        block_args = dict(args, img=merged if double else torch.cat([x[:, :text], merged], dim=1), attention_mask=mask)
+        block_args = dict(args, img=torch.cat([x[:, :before], merged], dim=1), attention_mask=mask)
         block_args[dims_key] = dims
-        pe = args.get("pe")
-        if isinstance(pe, torch.Tensor) and pe.ndim >= 3 and pe.shape[2] == pe_text + image:
+        if pe_before >= 0:
             cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one gather
             key = ("gathered", "pe", id(plan))
             if key not in cache or cache[key][0] is not pe:
-                moved = part.gather(pe[:, :, pe_text:].transpose(1, 2)).transpose(1, 2)  # token axis is dim 2
-                cache[key] = (pe, torch.cat([pe[:, :, :pe_text], moved], dim=2))
+                moved = part.gather(pe[:, :, pe_before:].transpose(1, 2)).transpose(1, 2)
+                cache[key] = (pe, torch.cat([pe[:, :, :pe_before], moved], dim=2))
             block_args["pe"] = cache[key][1]
         out = run_block(block_args)
         runtime.run.summary.merged_calls += 1
-        if double:
-            return dict(out, img=img + part.unmerge(out["img"] - merged))
         result = out["img"]
-        return dict(out, img=torch.cat([result[:, :text], img + part.unmerge(result[:, text:] - merged)], dim=1))
+        return dict(out, img=torch.cat([result[:, :before], img + part.unmerge(result[:, before:] - merged)], dim=1))
 
 
 def _merged_dims(dims, part, runtime, offset: int):

@@ -1,13 +1,16 @@
-"""Speed benchmark of importance merging on video DiTs (WAN 2.1 so far): no merging vs random ToMe vs importance.
+"""Speed benchmark of importance merging on video DiTs (WAN 2.1, HunyuanVideo): no merging vs random ToMe vs importance.
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python tests/bench_dit.py \\
-        [--models wan@832x480x17,wan@832x480x33] [--layers 2] [--ratios 0.3,0.5,0.7] [--reps 2] \\
-        [--attention default|sdpa] [--out output/bench]
+        [--models wan@832x480x17,wan@832x480x33,hunyuan@848x480x17] [--layers 2] [--ratios 0.3,0.5,0.7] \\
+        [--reps 2] [--attention default|sdpa] [--out output/bench]
 
-WAN 2.1 1.3B blocks at their real width (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096), random
-initialised weights, built by ComfyUI's own classes (current ComfyUI only). The real model has 30 blocks; a CPU run
-uses ``--layers`` of them (default 2): every block does the same work, so the speed-up of the blocks is the model's
-(patch embedding and head are a fraction of a percent). Each measurement is one model evaluation of a cond+uncond
+Blocks at their real width, random initialised weights, built by ComfyUI's own classes (current ComfyUI only):
+WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the real model has 30 blocks) and
+HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, pooled 768; the real model has 20
+double-stream and 40 single-stream blocks: ``--layers`` n gives n of each). A CPU run uses ``--layers`` of them
+(default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
+are a fraction of a percent). HunyuanVideo's text tokens are never merged, so its ideal is a little lower than the
+formula below gives. Each measurement is one model evaluation of a cond+uncond
 batch inside ComfyUI's own sampler after the first step (importance capture and matching included); methods run
 interleaved after a warm-up round; medians with min–max over reps × timed steps.
 
@@ -15,7 +18,7 @@ Also reported: the share of an unmerged evaluation spent in the self-attention k
 attention override) and the ideal speed-up of each site: attention, kernel × (1 − (1 − r)²); transformer (whole
 blocks, ``--scopes attention,transformer``), that plus the rest × r, an upper bound since the rest also holds the
 embeddings and the head; achieved / ideal.
-Writes <out>/speed_wan_<host>_<device>[_sdpa].md and .csv.
+Writes <out>/speed_<families>_<host>_cpu[_sdpa].md and .csv.
 """
 from __future__ import annotations
 
@@ -46,6 +49,25 @@ def build_wan(layers: int, seed: int = 0):
     positive = [[torch.randn(1, 512, WAN_13B["text_dim"], generator=g), {}]]
     negative = [[torch.randn(1, 512, WAN_13B["text_dim"], generator=g), {}]]
     return model, positive, negative
+
+
+HUNYUAN = dict(hidden=3072, heads=24, text_dim=4096, pooled_dim=768)
+
+
+def build_hunyuan(layers: int, seed: int = 0):
+    import torch
+    import comfy.supported_models
+
+    config = H.hunyuan_config(double=layers, single=layers, **HUNYUAN)
+    config["mlp_ratio"], config["axes_dim"] = 4.0, [16, 56, 56]
+    model = H._build(comfy.supported_models.HunyuanVideo, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 256, HUNYUAN["text_dim"], generator=g),
+               {"pooled_output": torch.randn(1, HUNYUAN["pooled_dim"], generator=g)}]] for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan}
 
 
 def kernel_share(model, positive, negative, latent):
@@ -85,7 +107,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0]
     if not root:
-        print("WAN needs current ComfyUI: set COMFYUI_PATH", file=sys.stderr)  # noqa: T201
+        print("video DiTs need current ComfyUI: set COMFYUI_PATH", file=sys.stderr)  # noqa: T201
         return 1
     extra = ("--use-pytorch-cross-attention",) if args.attention == "sdpa" else ()
     info = H.boot_with_pack(root, REPO, cpu=True, extra_args=extra)
@@ -105,7 +127,7 @@ def main(argv=None) -> int:
         width, height, length = (int(v) for v in size.split("x"))
         latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)
         tokens = latent.shape[2] * (latent.shape[3] // 2) * (latent.shape[4] // 2)
-        model, positive, negative = build_wan(args.layers)
+        model, positive, negative = BUILDERS[arch](args.layers)
         methods = [("none", 0.0, model)]
         for ratio in ratios:
             for scope in args.scopes.split(","):
@@ -145,13 +167,14 @@ def main(argv=None) -> int:
             })
         del model, methods
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"speed_wan_{info['host'].split(' ')[0]}_cpu" + ("_sdpa" if args.attention == "sdpa"
-                                                                                   else ""))
+    family = "_".join(sorted({spec.split("@")[0] for spec in args.models.split(",")}))
+    stem = os.path.join(args.out, f"speed_{family}_{info['host'].split(' ')[0]}_cpu"
+                        + ("_sdpa" if args.attention == "sdpa" else ""))
     with open(stem + ".csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# WAN speed: {info['host']}, {device}, attention {backend}", "",
+    lines = [f"# Video DiT speed: {info['host']}, {device}, attention {backend}", "",
              f"`{' '.join(['tests/bench_dit.py'] + (argv if argv is not None else sys.argv[1:]))}`", "",
              "| model | method | ratio | s / eval (median, min–max) | speed-up | ideal of the site | "
              "achieved / ideal | kernel share |", "|---|---|---|---|---|---|---|---|"]

@@ -141,3 +141,31 @@ def test_i2v_modulation_ranges_move_to_the_merged_frame_boundary(comfy):
     assert hunyuan._merged_dims(None, part, runtime, offset=0) is None
     assert hunyuan._merged_dims([(0, 7, 0), (7, None, 1)], part, runtime, offset=0) is False
     assert any("inside a latent frame" in f for f in runtime.run.summary.fallbacks)
+
+
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_prepended_reference_latent_stays_unmerged(comfy, scope):
+    """A reference latent (HunyuanVideo's ``ref_latent``) is prepended to the image tokens: its tokens, like the
+    text's, are never merged, and RoPE / the residual stream stay aligned (the run stays close to the unmerged one).
+    cfg 1: ComfyUI's own reference-latent code only takes one cond per call (it writes into an expanded tensor)."""
+    import comfy.sample
+
+    model, positive, negative = H.tiny_hunyuan_model(seed=0)
+    ref = torch.randn(1, 16, 1, 6, 8, generator=torch.Generator().manual_seed(4))
+    positive = [[positive[0][0], dict(positive[0][1], ref_latent=ref)]]
+    negative = [[negative[0][0], dict(negative[0][1], ref_latent=ref)]]
+    recorder = node_classes()["HostTestAttentionRecorder"]()
+    (recorded,) = recorder.probe(model, unique_id="refrec")  # before the merging node: it chains this override
+    node = node_classes()["ITM_ImportanceTokenMerging"]()
+    (patched,) = node.patch(recorded, **dict(SIMPLE, scope=scope))
+    noise = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(0))
+    args = (3, 1.0, "euler", "simple", positive, negative, torch.zeros_like(noise))
+    out = comfy.sample.sample(patched, noise, *args, seed=0, disable_pbar=True)
+    reference = comfy.sample.sample(model, noise, *args, seed=0, disable_pbar=True)
+    relative = float((out - reference).norm() / reference.norm())
+    assert torch.isfinite(out).all() and 1e-5 < relative < 0.6, relative
+    seen = [c for c in node_classes()["HostTestAttentionRecorder"].RECORDS["refrec"]
+            if c["block_type"] in ("double", "single") and c["block_index"] is not None]
+    assert {c["length"] for c in seen} == {12 + 12 + 18}  # text + reference (3x4) + half of the 36 image tokens
+    run = patched.model_options["transformer_options"]["importance_tome"].summaries()[-1]
+    assert run.tokens == {0: (36, 18)} and [f for f in run.fallbacks if "no uncond pass" not in f] == []

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The video quality protocol behind the README's WAN figures (issue 16): the bundled moving-Fashion-MNIST model
+# (ComfyUI's WAN 2.1 class), importance merging vs random ToMe at the same ratio, cond and uncond of a step in ONE
+# model call (--regime joint). Nothing was tuned on this model: the node's defaults come from the image protocol
+# (tests/quality_protocol.sh, tuning seeds 0..119); these runs use held-out noise seeds 10000+.
+#   COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 bash tests/video_quality_protocol.sh [clips]   (~15 min at 48)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}
+n=${1:-48}
+out=$repo/tests/results/quality_video
+common=(--samples "$n" --seed-offset 10000 --chunk 16 --regime joint --steps 20 --sampler euler --scheduler simple)
+cd "$repo"
+# both merge sites (attention only / whole blocks) and spatio-temporal merging; cfg 4, ratio 0.5
+"$py" tests/bench_video_quality.py "${common[@]}" --cfg 4 --ratios 0.5 \
+  --methods "none,itm-random,itm-cfg,itm-random:scope=transformer,itm-cfg:scope=transformer,itm-random:video_tokens=across_frames,itm-cfg:video_tokens=across_frames" \
+  --out "$out/euler_cfg4"
+# cfg 1 (distilled / guidance-free runs): the CFG-free importance source vs random ToMe
+"$py" tests/bench_video_quality.py "${common[@]}" --cfg 1 --ratios 0.5 \
+  --methods "none,itm-random,itm-cfg:cfg1_mode=change" --out "$out/euler_cfg1"

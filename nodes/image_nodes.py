@@ -52,8 +52,8 @@ _COMMON = {
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
                    "less faithful (on the demo model 16-18 dB further from the unmerged image at ratio 0.3-0.5); other "
-                   "patches inside those blocks then see the merged token count. WAN: whole blocks run on merged "
-                   "tokens (fidelity not measured yet).",
+                   "patches inside those blocks then see the merged token count. WAN / HunyuanVideo: whole blocks "
+                   "run on merged tokens (faster, far less faithful on the video demo model).",
     }),
 }
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."

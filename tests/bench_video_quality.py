@@ -136,14 +136,21 @@ def main(argv=None) -> int:
     return 0
 
 
+IMPORTANCE_ONLY = {"cfg1_mode", "dst_mode", "pool_scale", "dst_fraction", "weight_power", "affinity", "protect",
+                   "warmup_mode"}
+
+
 def paired(rows, per_clip, metrics):
-    """Every itm-cfg setting against itm-random with the same ratio and options (cfg1_mode aside), same clips."""
+    """Every itm-cfg setting against itm-random with the same ratio and merge-site options, same clips."""
     out = []
     for row in rows:
         if row["method"] != "itm-cfg":
             continue
         options = dict(item.partition("=")[::2] for item in filter(None, row["options"].split(";")))
-        base = label("itm-random", {k: v for k, v in options.items() if k != "cfg1_mode"}, row["ratio"])
+        # random merging only depends on where and how tokens merge (scope, video_tokens, seed, ...), not on the
+        # importance options: pair with the random run of the same such options
+        shared = {k: v for k, v in options.items() if k not in IMPORTANCE_ONLY}
+        base = label("itm-random", shared, row["ratio"])
         if base not in per_clip:
             continue
         diff = {"setting": row["label"], "baseline": base}

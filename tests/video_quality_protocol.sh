@@ -18,3 +18,8 @@ cd "$repo"
 # cfg 1 (distilled / guidance-free runs): the CFG-free importance source vs random ToMe
 "$py" tests/bench_video_quality.py "${common[@]}" --cfg 1 --ratios 0.5 \
   --methods "none,itm-random,itm-cfg:cfg1_mode=change" --out "$out/euler_cfg1"
+# exploration on tuning seeds 0..31 (not held out): the paper's settings and plain means at the attention site
+"$py" tests/bench_video_quality.py --samples 32 --seed-offset 0 --chunk 16 --regime joint --steps 20 --sampler euler \
+  --scheduler simple --cfg 4 --ratios 0.5 \
+  --methods "none,itm-random,itm-cfg:dst_mode=random;warmup_mode=prune;pool_scale=1.4;weight_power=0.0;affinity=0.0,itm-cfg:weight_power=0.0;affinity=0.0" \
+  --out "$out/euler_cfg4_explore"

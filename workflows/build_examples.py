@@ -28,7 +28,7 @@ SDXL = "sd_xl_base_1.0.safetensors"
 POSITIVE = "a lighthouse on a cliff at sunset, detailed, dramatic clouds"
 NEGATIVE = "blurry, low quality"
 MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
-WAN_MERGE = dict(MERGE, scope="transformer")  # WAN: whole blocks (see README "Video diffusion transformers")
+WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less faithful (README "Video DiTs")
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
 CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json")

@@ -22,11 +22,12 @@ def _prompt(arch="sd15", merge=True, ratio=0.5):
 def test_pack_registers_its_nodes(comfy):
     import nodes
 
-    assert sorted(comfy["pack_nodes"]) == ["ITM_DemoModelLoader", "ITM_ImportanceTokenMerging",
-                                           "ITM_ImportanceTokenMergingAdvanced", "ITM_MergePreview"]
+    assert sorted(comfy["pack_nodes"]) == ["ITM_DemoModelLoader", "ITM_DemoVideoModelLoader",
+                                           "ITM_ImportanceTokenMerging", "ITM_ImportanceTokenMergingAdvanced",
+                                           "ITM_MergePreview"]
     for name in comfy["pack_nodes"]:
         assert name in nodes.NODE_CLASS_MAPPINGS
-        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith(("Importance Token Merging", "Load Demo Model",
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[name].startswith(("Importance Token Merging", "Load Demo",
                                                                   "Token Merging Preview"))
         spec = nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         for section in ("required", "optional"):  # every input has a tooltip

@@ -14,9 +14,30 @@ from typing import List, Optional
 import torch
 
 from ..merging import TokenGrid, frame_partition, pool_to_grid
-from .runtime import LevelMerge, MergeRuntime, chunk_ids
+from .runtime import LevelMerge, MergeRuntime, chunk_ids, detach
 
 SITE = 0  # one merge site per video DiT (the preview's "level")
+OVERRIDE = "optimized_attention_override"
+
+
+def remove_patches(patcher, block_type: type, override_type: type) -> None:
+    """Take a DiT adapter's patches off a (cloned) model: its block replacements (``block_type``, keeping another
+    node's replacement it wrapped) and its attention override (``override_type``, restoring the one it chained),
+    then the runtime and capture hook."""
+    options = patcher.model_options.setdefault("transformer_options", {})
+    blocks = options.get("patches_replace", {}).get("dit")
+    if blocks:
+        options["patches_replace"] = dict(options["patches_replace"])
+        options["patches_replace"]["dit"] = {key: (p.previous if isinstance(p, block_type) else p)
+                                             for key, p in blocks.items()
+                                             if not (isinstance(p, block_type) and p.previous is None)}
+    override = options.get(OVERRIDE)
+    if isinstance(override, override_type):
+        if override.previous is None:
+            options.pop(OVERRIDE)
+        else:
+            options[OVERRIDE] = override.previous
+    detach(patcher)
 
 
 class VideoDiTRuntime(MergeRuntime):

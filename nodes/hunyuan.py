@@ -24,11 +24,10 @@ from typing import Callable, Optional
 import torch
 
 from ..merging import TokenGrid
-from .dit import VideoDiTRuntime
-from .runtime import KEY, LevelMerge, attach, detach, runtime_of
+from .dit import OVERRIDE, VideoDiTRuntime, remove_patches
+from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
-OVERRIDE = "optimized_attention_override"
 WRAPPER_KEY = "importance_tome_grid"
 
 
@@ -226,29 +225,12 @@ def _merged_dims(dims, part, runtime, offset: int):
     return out
 
 
-def _remove_ours(patcher) -> None:
-    options = patcher.model_options.setdefault("transformer_options", {})
-    blocks = options.get("patches_replace", {}).get("dit")
-    if blocks:
-        options["patches_replace"] = dict(options["patches_replace"])
-        options["patches_replace"]["dit"] = {key: (p.previous if isinstance(p, BlockMerge) else p)
-                                             for key, p in blocks.items()
-                                             if not (isinstance(p, BlockMerge) and p.previous is None)}
-    override = options.get(OVERRIDE)
-    if isinstance(override, JointAttentionOverride):
-        if override.previous is None:
-            options.pop(OVERRIDE)
-        else:
-            options[OVERRIDE] = override.previous
-    detach(patcher)
-
-
 def apply(model, settings: MergeSettings, live=None):
     """Clone ``model`` and attach importance merging to HunyuanVideo. The input model is never modified."""
     import comfy.patcher_extension  # noqa: PLC0415 (host module)
 
     patched = model.clone()
-    _remove_ours(patched)
+    remove_patches(patched, BlockMerge, JointAttentionOverride)
     attach(patched, HunyuanRuntime(settings, patched.model, live=live), settings)
     kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     patched.remove_wrappers_with_key(kind, WRAPPER_KEY)

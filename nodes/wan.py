@@ -23,11 +23,10 @@ from typing import Optional
 import torch
 
 from ..merging import TokenGrid
-from .dit import VideoDiTRuntime
-from .runtime import LevelMerge, attach, detach, runtime_of
+from .dit import OVERRIDE, VideoDiTRuntime, remove_patches
+from .runtime import LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
-OVERRIDE = "optimized_attention_override"
 
 
 def supports(model) -> bool:
@@ -164,27 +163,10 @@ class BlockMerge:
         return dict(out, img=x + part.unmerge(out["img"] - merged))
 
 
-def _remove_ours(patcher) -> None:
-    options = patcher.model_options.setdefault("transformer_options", {})
-    blocks = options.get("patches_replace", {}).get("dit")
-    if blocks:
-        options["patches_replace"] = dict(options["patches_replace"])
-        options["patches_replace"]["dit"] = {key: (p.previous if isinstance(p, BlockMerge) else p)
-                                             for key, p in blocks.items()
-                                             if not (isinstance(p, BlockMerge) and p.previous is None)}
-    override = options.get(OVERRIDE)
-    if isinstance(override, SelfAttentionOverride):
-        if override.previous is None:
-            options.pop(OVERRIDE)
-        else:
-            options[OVERRIDE] = override.previous
-    detach(patcher)
-
-
 def apply(model, settings: MergeSettings, live=None):
     """Clone ``model`` and attach importance merging to WAN self-attention. The input model is never modified."""
     patched = model.clone()
-    _remove_ours(patched)
+    remove_patches(patched, BlockMerge, SelfAttentionOverride)
     attach(patched, WanRuntime(settings, patched.model, live=live), settings)
     options = patched.model_options["transformer_options"]
     if settings.scope == "transformer":

@@ -128,18 +128,18 @@ def test_i2v_modulation_ranges_move_to_the_merged_frame_boundary(comfy):
     """HunyuanVideo i2v modulates the first latent frame's tokens with another vector: ranges at frame boundaries
     move with the merged tokens (every frame keeps the same share); a range inside a frame cannot, so those blocks
     run unmerged (noted)."""
-    hunyuan = H.pack_module("nodes.hunyuan")
+    hunyuan, joint = H.pack_module("nodes.hunyuan"), H.pack_module("nodes.joint")
     merging = H.pack_module("merging")
     runtime = hunyuan.HunyuanRuntime(H.pack_module("nodes.settings").MergeSettings(scope="transformer"))
     runtime.grid = merging.TokenGrid(3, 4, frames=3)
     metric = torch.randn(1, 36, 8, generator=torch.Generator().manual_seed(0))
     part = merging.frame_partition(metric, runtime.grid, merging.RandomGridConfig(0.5))
     dims = [(0, 12, 0), (12, None, 1)]
-    assert hunyuan._merged_dims(dims, part, runtime, offset=0) == [(0, 6, 0), (6, None, 1)]
-    assert hunyuan._merged_dims([(0, 5 + 12, 0), (5 + 12, None, 1)], part, runtime, offset=5) == \
+    assert joint._merged_dims(dims, part, runtime, offset=0) == [(0, 6, 0), (6, None, 1)]
+    assert joint._merged_dims([(0, 5 + 12, 0), (5 + 12, None, 1)], part, runtime, offset=5) == \
         [(0, 5 + 6, 0), (5 + 6, None, 1)]  # single blocks: text first
-    assert hunyuan._merged_dims(None, part, runtime, offset=0) is None
-    assert hunyuan._merged_dims([(0, 7, 0), (7, None, 1)], part, runtime, offset=0) is False
+    assert joint._merged_dims(None, part, runtime, offset=0) is None
+    assert joint._merged_dims([(0, 7, 0), (7, None, 1)], part, runtime, offset=0) is False
     assert any("inside a latent frame" in f for f in runtime.run.summary.fallbacks)
 
 

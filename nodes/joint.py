@@ -1,0 +1,288 @@
+"""Family-neutral part of the adapters for Flux-style transformers (Flux, HunyuanVideo): double-stream blocks (image
+and text tokens in separate streams, one joint attention) and single-stream blocks (one joint sequence).
+
+Every joint sequence these models build is ``[text][before][image][tail]``: the image tokens are the ``grid`` tokens
+that end ``tail`` tokens before the end (Flux appends reference latents, Kontext: ``tail`` = their tokens; HunyuanVideo
+prepends one, ``tail`` = 0). Only image tokens merge; text and reference tokens never do. A family's runtime reads the
+grid and the tail from the diffusion model's input (:meth:`JointRuntime.read_input`, called by a ``DIFFUSION_MODEL``
+wrapper before every forward). Two merge sites (``scope``):
+
+* ``attention``: inside ComfyUI's attention override, the image part of every block's joint attention q / k / v
+  (after RoPE, ``[B, heads, L, head_dim]``) is merged and the output's image part restored; text, reference tokens and
+  everything outside the attention kernel see every token.
+* ``transformer``: every double and single block runs on the merged image tokens (``patches_replace["dit"]``): RoPE
+  frequencies of the image part are gathered with the tokens, the attention mask is cut to the merged length (its
+  image part must be all zeros), HunyuanVideo i2v's modulation ranges move to the merged frame boundaries, and every
+  image token adds its slot's update to its own input.
+
+Partitions: :class:`nodes.dit.VideoDiTRuntime` (one per step and sample; per latent frame for video).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..merging import TokenGrid
+from .dit import OVERRIDE, VideoDiTRuntime, remove_patches
+from .runtime import KEY, LevelMerge, attach, runtime_of
+from .settings import MergeSettings
+
+WRAPPER_KEY = "importance_tome_grid"
+
+
+class JointRuntime(VideoDiTRuntime):
+    """Which calls of a Flux-style forward are merged; ``grid`` / ``tail`` describe the forward being run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.grid: Optional[TokenGrid] = None  # image token grid of the forward being run (set by the wrapper)
+        self.tail = 0  # tokens after the image part of every joint sequence (appended reference latents)
+        self.latent_size: Optional[Tuple[int, int]] = None  # the call's latent (H, W): image families' map crops
+
+    def read_input(self, net, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[Tuple[TokenGrid, int]]:
+        """(image token grid, tokens after the image part) of a forward of ``net`` on ``x``, or None (not merged)."""
+        raise NotImplementedError
+
+    def image_start(self, length: int) -> int:
+        """Where the image tokens start in a ``length``-token sequence (< 0: too short to hold them)."""
+        return length - self.tail - self.grid.num_tokens
+
+    def _forward(self, extra: dict):
+        if self.grid is None or extra.get("block_index") is None or extra.get("block_type") not in ("double", "single"):
+            return None  # outside the blocks (e.g. HunyuanVideo's text token refiner), or a forward not seen
+        run = self.begin_forward(extra, extra)  # a forward = one transformer_options copy (forward_orig makes it)
+        return run if run.call_active else None
+
+    def plan(self, tokens: int, metric: Callable[[], torch.Tensor], extra: dict, kind: str) -> Optional[LevelMerge]:
+        """The merge of the image tokens of a ``tokens``-long sequence (``metric()`` gives their features), or None
+        to run the call unmerged."""
+        if self._forward(extra) is None:
+            return None
+        if self.image_start(tokens) < 0:
+            return self.refuse(tokens, self.grid)
+        return self.grid_merge(kind, metric(), extra, self.grid, extra["block_index"])
+
+
+class ImageRuntime(JointRuntime):
+    """A joint-block family of image models ([B, C, H, W] latents, one frame): the CFG map is [B, H, W], and a model
+    call on an area cond's crop takes the crop's rows of it."""
+
+    def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
+        imap = self.run.map
+        if imap is None or imap.ndim != 3 or self.latent_size is None:
+            return None
+        rows = self.map_rows(samples, self.latent_size[0], self.latent_size[1], extra)
+        return None if rows is None else rows[:, None]  # [B, 1, H, W]: one frame
+
+
+def grid_wrapper(executor, x, *args, **kwargs):
+    """``DIFFUSION_MODEL`` wrapper: tells the runtime the image token grid and tail of this forward."""
+    options = kwargs.get("transformer_options")
+    if options is None:
+        options = next((a for a in args if isinstance(a, dict) and KEY in a), None)
+    runtime = runtime_of(options) if isinstance(options, dict) else None
+    layout = runtime.read_input(executor.class_obj, x, args, kwargs) if isinstance(runtime, JointRuntime) else None
+    if layout is None:
+        return executor(x, *args, **kwargs)
+    runtime.grid, runtime.tail = layout
+    runtime.latent_size = tuple(x.shape[-2:])
+    try:
+        return executor(x, *args, **kwargs)
+    finally:
+        runtime.grid, runtime.tail, runtime.latent_size = None, 0, None
+
+
+def _cut(t: torch.Tensor, dim: int, start: int, image: int, kept: int) -> torch.Tensor:
+    """``t`` along ``dim`` with its image part ``[start, start + image)`` cut to its first ``kept`` entries."""
+    head = t.narrow(dim, 0, start + kept)
+    rest = t.shape[dim] - start - image
+    return torch.cat([head, t.narrow(dim, start + image, rest)], dim=dim) if rest else head
+
+
+def _mask_for(mask, kept: int, runtime: JointRuntime) -> tuple:
+    """(usable, the attention mask on the merged sequence). The mask covers the whole joint sequence along its last
+    axis (and its second-last, when square); its image part must be all zeros (masks of padded text or reference
+    tokens), else the call runs unmerged (noted): a regional mask over image tokens cannot follow merged slots."""
+    if mask is None:
+        return True, None
+    image = runtime.grid.num_tokens
+    length = mask.shape[-1] if isinstance(mask, torch.Tensor) else 0
+    start = runtime.image_start(length)
+    square = isinstance(mask, torch.Tensor) and mask.ndim >= 2 and mask.shape[-2] == length
+    if start < 0 or bool(mask[..., start:start + image].abs().amax() > 0) or \
+            (square and bool(mask[..., start:start + image, :].abs().amax() > 0)):
+        runtime.note("mask", "an attention mask over the image tokens; those calls are left unmerged")
+        return False, None
+    mask = _cut(mask, -1, start, image, kept)
+    return True, (_cut(mask, -2, start, image, kept) if square else mask)
+
+
+class JointAttentionOverride:
+    """``optimized_attention_override``: merge the image part of a joint attention, restore it after."""
+
+    def __init__(self, previous=None) -> None:
+        self.previous = previous  # an override set before this node: called with the merged tokens
+
+    def _call(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        extra = kwargs.get("transformer_options")
+        runtime = runtime_of(extra) if isinstance(extra, dict) else None
+        if not isinstance(runtime, JointRuntime) or len(args) < 3 or runtime.grid is None:
+            return self._call(func, args, kwargs)
+        q, k, v = args[:3]
+        if not kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape") or q.ndim != 4 or \
+                not q.shape[2] == k.shape[2] == v.shape[2]:
+            return self._call(func, args, kwargs)  # not the blocks' joint attention ([B, heads, L, head_dim])
+        batch, heads, length, dim = q.shape
+        image = runtime.grid.num_tokens
+        start = runtime.image_start(length)
+        end = start + image
+        plan = runtime.plan(length, lambda: k[:, :, start:end].permute(0, 2, 1, 3).reshape(batch, image, heads * dim),
+                            extra, "self")
+        if plan is None:
+            return self._call(func, args, kwargs)
+        part = plan.partition
+        kept = part.sizes.num_kept
+        usable, mask = _mask_for(kwargs.get("mask"), kept, runtime)
+        if not usable:
+            return self._call(func, args, kwargs)
+
+        def merge(t):
+            flat = t[:, :, start:end].permute(0, 2, 1, 3).reshape(batch, image, heads * dim)
+            merged = part.merge(flat, plan.mode).reshape(batch, -1, heads, dim).permute(0, 2, 1, 3)
+            return torch.cat([t[:, :, :start], merged, t[:, :, end:]], dim=2)
+
+        runtime.run.summary.merged_calls += 1
+        call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
+        out = self._call(func, tuple(merge(t) for t in (q, k, v)) + tuple(args[3:]), call_kwargs)  # [B, L', H*D]
+        return torch.cat([out[:, :start], part.unmerge(out[:, start:start + kept]), out[:, start + kept:]], dim=1)
+
+
+class BlockMerge:
+    """``patches_replace["dit"]`` for a double or single block (``scope = transformer``): the block runs on the merged
+    image tokens (text and reference tokens unmerged), and every image token adds its slot's update to its input."""
+
+    MASK_KEYS = ("attn_mask", "attention_mask")  # Flux's and HunyuanVideo's name for the block argument
+
+    def __init__(self, kind: str, previous=None) -> None:
+        self.kind = kind  # "double_block" or "single_block"
+        self.previous = previous  # another node's replacement of this block: called with the merged tokens
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        def run_block(block_args):
+            if self.previous is not None:
+                return self.previous(block_args, extra)
+            return extra["original_block"](block_args)
+
+        options = args.get("transformer_options") or {}
+        runtime = runtime_of(options)
+        x = args.get("img")
+        if not isinstance(runtime, JointRuntime) or runtime.grid is None or not isinstance(x, torch.Tensor):
+            return run_block(args)
+        image = runtime.grid.num_tokens
+        start = runtime.image_start(x.shape[1])  # double blocks: the image stream; single blocks: after the text
+        end = start + image
+        plan = runtime.plan(x.shape[1], lambda: x[:, start:end], options, "block") if start >= 0 else None
+        if plan is None:
+            return run_block(args)
+        part = plan.partition
+        kept = part.sizes.num_kept
+        block_args = dict(args)
+        for key in self.MASK_KEYS:
+            if args.get(key) is not None:
+                usable, block_args[key] = _mask_for(args[key], kept, runtime)
+                if not usable:
+                    return run_block(args)
+        dims_key = "modulation_dims_img" if self.kind == "double_block" else "modulation_dims"
+        if args.get(dims_key):
+            block_args[dims_key] = _merged_dims(args[dims_key], part, runtime, offset=start)
+            if block_args[dims_key] is False:
+                return run_block(args)
+        img = x[:, start:end]
+        merged = part.merge(img, plan.mode)
+        block_args["img"] = torch.cat([x[:, :start], merged, x[:, end:]], dim=1)
+        pe = args.get("pe")  # RoPE over the whole joint sequence in both kinds of block: token axis 2
+        if isinstance(pe, torch.Tensor) and pe.ndim >= 3 and runtime.image_start(pe.shape[2]) >= 0:
+            cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one gather
+            key = ("gathered", "pe", id(plan))
+            if key not in cache or cache[key][0] is not pe:
+                pe_start = runtime.image_start(pe.shape[2])
+                moved = part.gather(pe[:, :, pe_start:pe_start + image].transpose(1, 2)).transpose(1, 2)
+                cache[key] = (pe, torch.cat([pe[:, :, :pe_start], moved, pe[:, :, pe_start + image:]], dim=2))
+            block_args["pe"] = cache[key][1]
+        out = run_block(block_args)
+        runtime.run.summary.merged_calls += 1
+        result = out["img"]
+        restored = img + part.unmerge(result[:, start:start + kept] - merged)
+        return dict(out, img=torch.cat([result[:, :start], restored, result[:, start + kept:]], dim=1))
+
+
+def _merged_dims(dims, part, runtime: JointRuntime, offset: int):
+    """HunyuanVideo i2v's modulation ranges ``[(start, end, index), ...]`` (token ranges of the block's sequence,
+    whose image tokens start at ``offset``) on the merged sequence; None stays None; False: not mappable (a range
+    boundary inside a latent frame, or frames that keep different shares), the block then runs unmerged."""
+    if not dims:
+        return dims
+    grid = runtime.grid
+    per_frame = grid.height * grid.width
+    if part.frames != grid.frames:
+        runtime.note("dims", "i2v modulation ranges with video_tokens = across_frames; those blocks run unmerged")
+        return False
+    kept_per_frame = part.sizes.num_kept // grid.frames
+
+    def move(bound):
+        if bound is None or bound <= offset:
+            return bound
+        image_bound = bound - offset
+        if image_bound >= grid.num_tokens:  # in the tail: shifted by the tokens merged away
+            return bound - grid.num_tokens + part.sizes.num_kept
+        if image_bound % per_frame:
+            return False
+        return offset + image_bound // per_frame * kept_per_frame
+
+    out = []
+    for start, end, index in dims:
+        new_start, new_end = move(start), move(end)
+        if new_start is False or new_end is False:
+            runtime.note("dims", "i2v modulation range inside a latent frame; those blocks run unmerged")
+            return False
+        out.append((new_start, new_end, index))
+    return out
+
+
+def apply(model, settings: MergeSettings, runtime_type: type, live=None):
+    """Clone ``model`` and attach importance merging with a :class:`JointRuntime` subclass. The input model is never
+    modified; merging attached by an earlier node is replaced."""
+    import comfy.patcher_extension  # noqa: PLC0415 (host module)
+
+    patched = model.clone()
+    remove_patches(patched, BlockMerge, JointAttentionOverride)
+    attach(patched, runtime_type(settings, patched.model, live=live), settings)
+    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    patched.add_wrapper_with_key(kind, WRAPPER_KEY, grid_wrapper)
+    options = patched.model_options["transformer_options"]
+    if settings.scope == "transformer":
+        net = patched.model.diffusion_model
+        blocks = options.get("patches_replace", {}).get("dit", {})
+        for name, count in (("double_block", len(net.double_blocks)), ("single_block", len(net.single_blocks))):
+            for index in range(count):
+                patched.set_model_patch_replace(BlockMerge(name, blocks.get((name, index))), "dit", name, index)
+    else:
+        options[OVERRIDE] = JointAttentionOverride(options.get(OVERRIDE))
+    return patched
+
+
+def has_joint_hooks() -> bool:
+    """The host has the attention override (ComfyUI >= 0.3.60) and DIFFUSION_MODEL wrappers."""
+    try:
+        import comfy.patcher_extension  # noqa: PLC0415 (host modules)
+        from comfy.ldm.modules import attention  # noqa: PLC0415
+    except ImportError:
+        return False
+    return hasattr(attention, "wrap_attn") and hasattr(comfy.patcher_extension.WrappersMP, "DIFFUSION_MODEL")

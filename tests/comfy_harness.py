@@ -509,6 +509,30 @@ def tiny_hunyuan_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=12))
 
 
+def flux_config(hidden: int = 64, heads: int = 2, double: int = 2, single: int = 2, text_dim: int = 32,
+                pooled_dim: int = 32, guidance: bool = True) -> dict:
+    """A Flux.1 config (ComfyUI's own class; the real Flux.1 dev is hidden 3072, 24 heads, 19 double and 38 single
+    blocks, text 4096, pooled 768, axes (16, 56, 56), patch 2). ``guidance = False``: schnell."""
+    head = hidden // heads
+    axes = [head - 2 * (3 * head // 8), 3 * head // 8, 3 * head // 8]
+    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_dim,
+            "context_in_dim": text_dim, "hidden_size": hidden, "mlp_ratio": 2.0, "num_heads": heads, "depth": double,
+            "depth_single_blocks": single, "axes_dim": axes, "theta": 10000, "patch_size": 2, "qkv_bias": True,
+            "guidance_embed": guidance, "txt_ids_dims": []}
+
+
+def tiny_flux_model(seed: int = 0, device=None, **config):
+    """A tiny Flux.1 model (comfy.supported_models.Flux, or FluxSchnell with ``guidance=False``; current ComfyUI
+    only) and two conditionings (10 text tokens + pooled vector). Latents are [B, 16, H, W] (EmptySD3LatentImage)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("this Flux model class exists only in current ComfyUI")
+    import comfy.supported_models
+    cfg = flux_config(**config)
+    kind = comfy.supported_models.Flux if cfg["guidance_embed"] else comfy.supported_models.FluxSchnell
+    model = _build(kind, cfg, seed, device)
+    return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=10))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

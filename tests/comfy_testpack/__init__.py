@@ -284,6 +284,25 @@ class HostTestTinyHunyuanModel:
         return _boot().tiny_hunyuan_model(seed=seed, double=double, single=single)
 
 
+class HostTestTinyFluxModel:
+    """A tiny Flux.1 model (ComfyUI's own class; dev with guidance, or schnell) with two conditionings; current
+    ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "double": ("INT", {"default": 2, "min": 0, "max": 40}),
+                             "single": ("INT", {"default": 2, "min": 0, "max": 40})},
+                "optional": {"guidance": ("BOOLEAN", {"default": True})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, double, single, guidance=True):
+        return _boot().tiny_flux_model(seed=seed, double=double, single=single, guidance=guidance)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
@@ -370,6 +389,7 @@ class HostTestVideoCodec:
 NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec
 NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
 NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
+NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

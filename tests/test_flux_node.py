@@ -1,0 +1,201 @@
+"""Importance merging on Flux (ComfyUI's Flux class), through a real ComfyUI 0.14.1; skipped on the 2024 host.
+
+The models are tiny Flux.1 models built with ComfyUI's own classes (2 double + 2 single blocks, width 64); latents
+come from EmptySD3LatentImage ([B, 16, H/8, W/8]): 96x64 = a 8x12 latent = 4x6 = 24 image tokens (2x2 patch), plus
+10 text tokens that are never merged.
+"""
+import pytest
+import torch
+
+import comfy_harness as H
+import graph
+from graph import Graph, latent, node_classes
+
+SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
+BLOCKS = dict(SIMPLE, scope="transformer")
+TEXT, IMAGE = 10, 24
+
+
+@pytest.fixture(autouse=True)
+def _modern(comfy):
+    if H.host_kind() != "modern":
+        pytest.skip("Flux merging needs current ComfyUI (attention override, DIFFUSION_MODEL wrappers, Flux class)")
+
+
+def flux_graph(merge=SIMPLE, batch=1, steps=3, cfg=4.0, seed=3, sampler="euler", guidance=True, positive=None):
+    g = Graph()
+    tiny = g.add("HostTestTinyFluxModel", seed=0, double=2, single=2, guidance=guidance)
+    model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0]
+    if merge is not None:
+        model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
+    model = g.add("HostTestRuntimeProbe", "probe", model=model)[0]
+    empty = g.add("EmptySD3LatentImage", width=96, height=64, batch_size=batch)
+    sampled = g.add("KSampler", "sampler", model=model, positive=positive or tiny[1], negative=tiny[2],
+                    latent_image=empty[0], seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler="simple",
+                    denoise=1.0)
+    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    return g, tiny
+
+
+def calls(node_id="rec"):
+    return [c for c in node_classes()["HostTestAttentionRecorder"].RECORDS[node_id]
+            if c["block_type"] in ("double", "single") and c["block_index"] is not None]
+
+
+def last_run():
+    return graph.last_run("probe", probe="HostTestRuntimeProbe")
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("merge", [SIMPLE, BLOCKS], ids=["attention", "transformer"])
+def test_joint_attention_runs_on_merged_image_tokens_text_untouched(comfy, merge):
+    """Every block's joint attention sees the 10 text tokens and half of the 24 image tokens; the image stays close
+    to the unmerged one; cond and uncond share one partition per step; the CFG map of step n drives step n + 1."""
+    H.run_prompt(flux_graph(merge=None)[0].prompt)
+    reference = latent("out").clone()
+    assert {c["length"] for c in calls()} == {TEXT + IMAGE}
+    H.run_prompt(flux_graph(merge=merge)[0].prompt)
+    merged = latent("out").clone()
+    assert merged.shape == reference.shape == (1, 16, 8, 12) and torch.isfinite(merged).all()
+    assert 1e-5 < relative(merged, reference) < 0.6, relative(merged, reference)
+    seen = calls()
+    assert {c["length"] for c in seen} == {TEXT + IMAGE // 2}
+    assert {c["rows"] for c in seen} == {2}  # cond and uncond in one call
+    assert len(seen) == 3 * (2 + 2)  # 3 steps x (2 double + 2 single blocks)
+    run = last_run()
+    assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == []
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2 and run.partitions == 3
+
+
+def test_importance_decides_the_partition(comfy):
+    """The same seed with importance = cfg and = random gives different images (the map is used, not ignored), and
+    random is the plain ToMe baseline (no map captured)."""
+    H.run_prompt(flux_graph(merge=SIMPLE, steps=4)[0].prompt)
+    cfg = latent("out").clone()
+    H.run_prompt(flux_graph(merge=dict(SIMPLE, importance="random"), steps=4)[0].prompt)
+    rand = latent("out").clone()
+    run = last_run()
+    assert run.maps_captured == 0 and run.evaluations_without_map == 4 and run.tokens == {0: (IMAGE, IMAGE // 2)}
+    assert relative(cfg, rand) > 1e-4
+
+
+@pytest.mark.parametrize("merge", [SIMPLE, BLOCKS], ids=["attention", "transformer"])
+def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge):
+    """cond and uncond in separate model calls (ComfyUI does that when memory is short) give the same image as one
+    call: one partition per step and sample."""
+    H.run_prompt(flux_graph(merge=merge, batch=2)[0].prompt)
+    joint = latent("out").clone()
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    H.run_prompt(flux_graph(merge=merge, batch=2)[0].prompt)
+    split = latent("out").clone()
+    assert {c["rows"] for c in calls()} == {2}  # two samples, cond and uncond now in separate calls
+    torch.testing.assert_close(split, joint, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
+def test_cfg1_change_importance(comfy, guidance):
+    """Flux dev / schnell run at cfg 1 (no uncond pass): cfg1_mode = change takes importance from how much the
+    prediction moved since the previous step (no extra model pass: one row per call); random is the default."""
+    H.run_prompt(flux_graph(merge=SIMPLE, cfg=1.0, steps=4, guidance=guidance)[0].prompt)
+    run = last_run()
+    assert run.maps_captured == 0 and any("no uncond pass" in f for f in run.fallbacks)
+    assert run.tokens == {0: (IMAGE, IMAGE // 2)}
+    default = latent("out").clone()
+    advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="change", merge_cross_attn=False, merge_seed=0)
+    g, _ = flux_graph(merge=None, cfg=1.0, steps=4, guidance=guidance)
+    g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge",
+                                                 model=["rec", 0], **advanced)[0]
+    H.run_prompt(g.prompt)
+    run = last_run()
+    assert {c["rows"] for c in calls()} == {1}  # no uncond pass was added
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2  # evaluations 3 and 4 use a change map
+    assert relative(latent("out"), default) > 1e-5
+
+
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_reference_latent_tokens_stay_unmerged(comfy, scope):
+    """Kontext-style reference latents (ReferenceLatent) are appended after the image tokens: they, like the text,
+    are never merged, and RoPE / the residual stream stay aligned (the image stays close to the unmerged one)."""
+    g, tiny = flux_graph(merge=None)
+    reference_latent = g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1)  # 8x8 -> 16 tokens
+    positive = g.add("ReferenceLatent", conditioning=tiny[1], latent=reference_latent[0])
+    negative = g.add("ReferenceLatent", conditioning=tiny[2], latent=reference_latent[0])
+    g.prompt["sampler"]["inputs"].update(positive=positive[0], negative=negative[0])
+    H.run_prompt(g.prompt)
+    unmerged = latent("out").clone()
+    assert {c["length"] for c in calls()} == {TEXT + IMAGE + 16}
+    g.add("ITM_ImportanceTokenMerging", "merge", model=["rec", 0], **dict(SIMPLE, scope=scope))
+    g.prompt["probe"]["inputs"]["model"] = ["merge", 0]
+    H.run_prompt(g.prompt)
+    merged = latent("out").clone()
+    assert {c["length"] for c in calls()} == {TEXT + IMAGE // 2 + 16}
+    assert torch.isfinite(merged).all() and 1e-5 < relative(merged, unmerged) < 0.6, relative(merged, unmerged)
+    run = last_run()
+    assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
+
+
+def test_area_conditioning_uses_its_crop_of_the_map(comfy):
+    """An area cond (ConditioningSetArea) runs the model on a crop of the latent: its partition uses that crop of the
+    importance map (found from the area), and the image stays finite and close to the unmerged one."""
+    g, tiny = flux_graph(merge=None)
+    area = g.add("ConditioningSetArea", conditioning=tiny[1], width=64, height=64, x=32, y=0, strength=1.0)
+    both = g.add("ConditioningCombine", conditioning_1=tiny[1], conditioning_2=area[0])
+    g.prompt["sampler"]["inputs"]["positive"] = both[0]
+    H.run_prompt(g.prompt)
+    unmerged = latent("out").clone()
+    assert {c["length"] for c in calls()} == {TEXT + IMAGE, TEXT + 16}  # the 8x8 crop: 4x4 tokens
+    g.add("ITM_ImportanceTokenMerging", "merge", model=["rec", 0], **SIMPLE)
+    g.prompt["probe"]["inputs"]["model"] = ["merge", 0]
+    H.run_prompt(g.prompt)
+    merged = latent("out").clone()
+    assert {c["length"] for c in calls()} == {TEXT + IMAGE // 2, TEXT + 8}
+    assert torch.isfinite(merged).all() and 1e-5 < relative(merged, unmerged) < 0.6
+    run = last_run()
+    assert run.fallbacks == [] and run.tokens == {0: (IMAGE, IMAGE // 2)} and run.evaluations_with_map == 2
+
+
+def test_requeue_with_another_ratio_replaces_the_merging(comfy):
+    """The node applied to a model that already carries it (a re-queued graph after a widget edit, or two nodes in a
+    row) replaces the earlier merging instead of stacking a second one."""
+    node = node_classes()["ITM_ImportanceTokenMerging"]()
+    model, positive, negative = H.tiny_flux_model(seed=0)
+    for scope in ("attention", "transformer"):
+        (first,) = node.patch(model, **dict(SIMPLE, scope=scope))
+        (second,) = node.patch(first, **dict(SIMPLE, scope=scope, ratio=0.25))
+        options = second.model_options["transformer_options"]
+        override = options.get("optimized_attention_override")
+        if scope == "attention":
+            assert override is not None and override.previous is None
+        else:
+            assert override is None
+            assert all(p.previous is None for p in options["patches_replace"]["dit"].values())
+        assert options["importance_tome"].settings.ratio == 0.25
+        assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+
+
+def test_mask_over_text_is_cut_and_mask_over_image_refuses(comfy):
+    """Joint attention masks cover [text][image][reference]: a mask whose image part is zero is cut to the merged
+    length on both axes of a square mask; one that touches image tokens leaves the call unmerged (noted)."""
+    joint, merging = H.pack_module("nodes.joint"), H.pack_module("merging")
+    runtime = joint.JointRuntime(H.pack_module("nodes.settings").MergeSettings())
+    runtime.grid, runtime.tail = merging.TokenGrid(2, 2), 2  # 3 text + 4 image + 2 reference tokens
+    mask = torch.zeros(1, 9, 9)
+    mask[:, :3, :3] = 1.0
+    mask[:, 7:, 7:] = 2.0
+    usable, cut = joint._mask_for(mask, 2, runtime)
+    assert usable and cut.shape == (1, 7, 7)
+    expected = torch.zeros(1, 7, 7)
+    expected[:, :3, :3] = 1.0
+    expected[:, 5:, 5:] = 2.0
+    torch.testing.assert_close(cut, expected)
+    usable, cut = joint._mask_for(torch.zeros(1, 1, 9), 2, runtime)  # a key-only mask: the last axis only
+    assert usable and cut.shape == (1, 1, 7)
+    mask[:, 4, 1] = -1.0  # an image query row masked
+    assert joint._mask_for(mask, 2, runtime) == (False, None)
+    assert any("attention mask over the image tokens" in f for f in runtime.run.summary.fallbacks)

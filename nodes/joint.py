@@ -34,6 +34,11 @@ WRAPPER_KEY = "importance_tome_grid"
 class JointRuntime(VideoDiTRuntime):
     """Which calls of a Flux-style forward are merged; ``grid`` / ``tail`` describe the forward being run."""
 
+    # (block replacement name, the diffusion model's block list): the blocks merged with scope = transformer
+    BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
+    WRAPPER = "DIFFUSION_MODEL"  # the wrapper kind that sees the latent (APPLY_MODEL: executor.class_obj is BaseModel)
+    BLOCK_INFO = True  # the model puts block_type / block_index in transformer_options (SD3's MMDiT does not)
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.grid: Optional[TokenGrid] = None  # image token grid of the forward being run (set by the wrapper)
@@ -49,19 +54,23 @@ class JointRuntime(VideoDiTRuntime):
         return length - self.tail - self.grid.num_tokens
 
     def _forward(self, extra: dict):
-        if self.grid is None or extra.get("block_index") is None or extra.get("block_type") not in ("double", "single"):
-            return None  # outside the blocks (e.g. HunyuanVideo's text token refiner), or a forward not seen
-        run = self.begin_forward(extra, extra)  # a forward = one transformer_options copy (forward_orig makes it)
+        if self.grid is None:
+            return None  # a forward this runtime's wrapper did not see
+        if self.BLOCK_INFO and (extra.get("block_index") is None or extra.get("block_type") not in ("double", "single")):
+            return None  # outside the blocks (e.g. HunyuanVideo's text token refiner)
+        # a forward = one transformer_options dict (Flux / HunyuanVideo copy it per forward, ComfyUI per model call)
+        run = self.begin_forward(extra, extra)
         return run if run.call_active else None
 
-    def plan(self, tokens: int, metric: Callable[[], torch.Tensor], extra: dict, kind: str) -> Optional[LevelMerge]:
-        """The merge of the image tokens of a ``tokens``-long sequence (``metric()`` gives their features), or None
-        to run the call unmerged."""
+    def plan(self, tokens: int, metric: Callable[[], torch.Tensor], extra: dict, kind: str,
+             block: Optional[int] = None) -> Optional[LevelMerge]:
+        """The merge of the image tokens of a ``tokens``-long sequence (``metric()`` gives their features) in block
+        ``block`` (default: transformer_options' block_index), or None to run the call unmerged."""
         if self._forward(extra) is None:
             return None
         if self.image_start(tokens) < 0:
             return self.refuse(tokens, self.grid)
-        return self.grid_merge(kind, metric(), extra, self.grid, extra["block_index"])
+        return self.grid_merge(kind, metric(), extra, self.grid, extra.get("block_index") if block is None else block)
 
 
 class ImageRuntime(JointRuntime):
@@ -77,7 +86,8 @@ class ImageRuntime(JointRuntime):
 
 
 def grid_wrapper(executor, x, *args, **kwargs):
-    """``DIFFUSION_MODEL`` wrapper: tells the runtime the image token grid and tail of this forward."""
+    """``DIFFUSION_MODEL`` / ``APPLY_MODEL`` wrapper: tells the runtime the image token grid and tail of this
+    forward."""
     options = kwargs.get("transformer_options")
     if options is None:
         options = next((a for a in args if isinstance(a, dict) and KEY in a), None)
@@ -135,15 +145,22 @@ class JointAttentionOverride:
         if not isinstance(runtime, JointRuntime) or len(args) < 3 or runtime.grid is None:
             return self._call(func, args, kwargs)
         q, k, v = args[:3]
-        if not kwargs.get("skip_reshape") or kwargs.get("skip_output_reshape") or q.ndim != 4 or \
-                not q.shape[2] == k.shape[2] == v.shape[2]:
-            return self._call(func, args, kwargs)  # not the blocks' joint attention ([B, heads, L, head_dim])
-        batch, heads, length, dim = q.shape
+        split = bool(kwargs.get("skip_reshape"))  # [B, heads, L, head_dim] (Flux, HunyuanVideo); else [B, L, C] (SD3)
+        axis = 2 if split else 1
+        if kwargs.get("skip_output_reshape") or q.ndim != (4 if split else 3) or k.ndim != q.ndim or \
+                not q.shape[axis] == k.shape[axis] == v.shape[axis]:
+            return self._call(func, args, kwargs)  # not a block's joint attention
+        length = q.shape[axis]
         image = runtime.grid.num_tokens
         start = runtime.image_start(length)
         end = start + image
-        plan = runtime.plan(length, lambda: k[:, :, start:end].permute(0, 2, 1, 3).reshape(batch, image, heads * dim),
-                            extra, "self")
+
+        def tokens(t):  # the image part as [B, image, C] (SD3 hands over v as [B, L, heads, head_dim])
+            if not split:
+                return t[:, start:end].reshape(t.shape[0], image, -1)
+            return t[:, :, start:end].permute(0, 2, 1, 3).reshape(t.shape[0], image, t.shape[1] * t.shape[3])
+
+        plan = runtime.plan(length, lambda: tokens(k), extra, "self")
         if plan is None:
             return self._call(func, args, kwargs)
         part = plan.partition
@@ -153,9 +170,12 @@ class JointAttentionOverride:
             return self._call(func, args, kwargs)
 
         def merge(t):
-            flat = t[:, :, start:end].permute(0, 2, 1, 3).reshape(batch, image, heads * dim)
-            merged = part.merge(flat, plan.mode).reshape(batch, -1, heads, dim).permute(0, 2, 1, 3)
-            return torch.cat([t[:, :, :start], merged, t[:, :, end:]], dim=2)
+            merged = part.merge(tokens(t), plan.mode)
+            if split:
+                merged = merged.reshape(t.shape[0], -1, t.shape[1], t.shape[3]).permute(0, 2, 1, 3)
+            else:
+                merged = merged.reshape(t.shape[0], -1, *t.shape[2:])
+            return torch.cat([t.narrow(axis, 0, start), merged, t.narrow(axis, end, length - end)], dim=axis)
 
         runtime.run.summary.merged_calls += 1
         call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
@@ -169,8 +189,9 @@ class BlockMerge:
 
     MASK_KEYS = ("attn_mask", "attention_mask")  # Flux's and HunyuanVideo's name for the block argument
 
-    def __init__(self, kind: str, previous=None) -> None:
+    def __init__(self, kind: str, previous=None, index: Optional[int] = None) -> None:
         self.kind = kind  # "double_block" or "single_block"
+        self.index = index  # the block's index (SD3 does not put it in transformer_options)
         self.previous = previous  # another node's replacement of this block: called with the merged tokens
 
     def __call__(self, args: dict, extra: dict) -> dict:
@@ -187,7 +208,7 @@ class BlockMerge:
         image = runtime.grid.num_tokens
         start = runtime.image_start(x.shape[1])  # double blocks: the image stream; single blocks: after the text
         end = start + image
-        plan = runtime.plan(x.shape[1], lambda: x[:, start:end], options, "block") if start >= 0 else None
+        plan = runtime.plan(x.shape[1], lambda: x[:, start:end], options, "block", self.index) if start >= 0 else None
         if plan is None:
             return run_block(args)
         part = plan.partition
@@ -263,16 +284,18 @@ def apply(model, settings: MergeSettings, runtime_type: type, live=None):
     patched = model.clone()
     remove_patches(patched, BlockMerge, JointAttentionOverride)
     attach(patched, runtime_type(settings, patched.model, live=live), settings)
-    kind = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
-    patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    patched.add_wrapper_with_key(kind, WRAPPER_KEY, grid_wrapper)
+    for kind in ("DIFFUSION_MODEL", "APPLY_MODEL"):
+        patched.remove_wrappers_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), WRAPPER_KEY)
+    patched.add_wrapper_with_key(getattr(comfy.patcher_extension.WrappersMP, runtime_type.WRAPPER), WRAPPER_KEY,
+                                 grid_wrapper)
     options = patched.model_options["transformer_options"]
     if settings.scope == "transformer":
         net = patched.model.diffusion_model
         blocks = options.get("patches_replace", {}).get("dit", {})
-        for name, count in (("double_block", len(net.double_blocks)), ("single_block", len(net.single_blocks))):
-            for index in range(count):
-                patched.set_model_patch_replace(BlockMerge(name, blocks.get((name, index))), "dit", name, index)
+        for name, attribute in runtime_type.BLOCKS:
+            for index in range(len(getattr(net, attribute))):
+                patched.set_model_patch_replace(BlockMerge(name, blocks.get((name, index)), index), "dit", name,
+                                                index)
     else:
         options[OVERRIDE] = JointAttentionOverride(options.get(OVERRIDE))
     return patched

@@ -1,23 +1,26 @@
-"""Speed benchmark of importance merging on video DiTs (WAN 2.1, HunyuanVideo): no merging vs random ToMe vs importance.
+"""Speed benchmark of importance merging on DiTs (WAN 2.1, HunyuanVideo, Flux): no merging vs random ToMe vs importance.
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python tests/bench_dit.py \\
-        [--models wan@832x480x17,wan@832x480x33,hunyuan@848x480x17] [--layers 2] [--ratios 0.3,0.5,0.7] \\
-        [--reps 2] [--attention default|sdpa] [--out output/bench]
+        [--models wan@832x480x17,wan@832x480x33,hunyuan@848x480x17,flux@1024x1024] [--layers 2] \\
+        [--ratios 0.3,0.5,0.7] [--reps 2] [--cfg 5] [--attention default|sdpa] [--out output/bench]
 
 Blocks at their real width, random initialised weights, built by ComfyUI's own classes (current ComfyUI only):
 WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the real model has 30 blocks) and
 HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, pooled 768; the real model has 20
-double-stream and 40 single-stream blocks: ``--layers`` n gives n of each). A CPU run uses ``--layers`` of them
+double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and Flux.1 dev (hidden 3072, 24 heads,
+MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
+specs have no frame count). A CPU run uses ``--layers`` of them
 (default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
-are a fraction of a percent). HunyuanVideo's text tokens are never merged, so its ideal is a little lower than the
-formula below gives. Each measurement is one model evaluation of a cond+uncond
-batch inside ComfyUI's own sampler after the first step (importance capture and matching included); methods run
-interleaved after a warm-up round; medians with min–max over reps × timed steps.
+are a fraction of a percent). Each measurement is one model evaluation (a cond+uncond batch; one row at ``--cfg 1``,
+where the importance rows use ``cfg1_mode = change``) inside ComfyUI's own sampler after the first step (importance
+capture and matching included); methods run interleaved after a warm-up round; medians with min–max over reps ×
+timed steps.
 
 Also reported: the share of an unmerged evaluation spent in the self-attention kernel (timed through ComfyUI's
-attention override) and the ideal speed-up of each site: attention, kernel × (1 − (1 − r)²); transformer (whole
-blocks, ``--scopes attention,transformer``), that plus the rest × r, an upper bound since the rest also holds the
-embeddings and the head; achieved / ideal.
+attention override) and the ideal speed-up of each site, with L = T + I text and image tokens in the kernel (WAN:
+T = 0, its text enters by cross-attention) and L' = T + (1 − r) I: attention, kernel × (1 − (L'/L)²); transformer
+(whole blocks, ``--scopes attention,transformer``), that plus the rest × r I / L, an upper bound since the rest also
+holds the embeddings and the head; achieved / ideal.
 Writes <out>/speed_<families>_<host>_cpu[_sdpa].md and .csv.
 """
 from __future__ import annotations
@@ -67,10 +70,29 @@ def build_hunyuan(layers: int, seed: int = 0):
     return model, conds[0], conds[1]
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan}
+FLUX_DEV = dict(hidden=3072, heads=24, text_dim=4096, pooled_dim=768)
 
 
-def kernel_share(model, positive, negative, latent):
+def build_flux(layers: int, seed: int = 0):
+    import torch
+    import comfy.supported_models
+
+    config = H.flux_config(double=layers, single=layers, **FLUX_DEV)
+    config["mlp_ratio"], config["axes_dim"] = 4.0, [16, 56, 56]
+    model = H._build(comfy.supported_models.Flux, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 512, FLUX_DEV["text_dim"], generator=g),
+               {"pooled_output": torch.randn(1, FLUX_DEV["pooled_dim"], generator=g), "guidance": 3.5}]]
+             for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux}
+IMAGE_MODELS = ("flux",)
+TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512}  # text tokens in the blocks' self-attention (never merged)  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
+
+
+def kernel_share(model, positive, negative, latent, cfg=5.0):
     """Seconds in the self-attention kernel (the first attention call of each block) and in total, over two
     unmerged evaluations."""
     spent = {"kernel": 0.0}
@@ -78,7 +100,7 @@ def kernel_share(model, positive, negative, latent):
 
     def timing(func, *args, **kwargs):
         extra = kwargs.get("transformer_options") or {}
-        key = (id(extra), extra.get("block_index"))
+        key = (id(extra), extra.get("block_type"), extra.get("block_index"))
         first, seen["key"] = key != seen["key"], key
         start = time.perf_counter()
         out = func(*args, **kwargs)
@@ -89,7 +111,7 @@ def kernel_share(model, positive, negative, latent):
     timed = model.clone()
     timed.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = timing
     start = time.perf_counter()
-    bench_speed.sample_steps(timed, positive, negative, latent, steps=2)
+    bench_speed.sample_steps(timed, positive, negative, latent, steps=2, cfg=cfg)
     return spent["kernel"], time.perf_counter() - start
 
 
@@ -100,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", default="0.5")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="sampler steps per run; the first is not timed")
+    parser.add_argument("--cfg", type=float, default=5.0,
+                        help="cfg scale (1: one row per evaluation, as Flux dev / distilled video models run)")
     parser.add_argument("--attention", choices=("default", "sdpa"), default="default")
     parser.add_argument("--scopes", default="attention",
                         help="merge sites: attention (self-attention kernel), transformer (whole blocks)")
@@ -120,43 +144,59 @@ def main(argv=None) -> int:
     device = f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()}, fp32)"
     backend = getattr(attention_module.optimized_attention, "__name__", "?")
     node = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()
+    advanced = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMergingAdvanced"]()
+    spec = advanced.INPUT_TYPES()
+    advanced_defaults = {name: (options[1]["default"] if len(options) > 1 and "default" in options[1]
+                                else options[0][0])
+                         for group in ("required", "optional") for name, options in spec.get(group, {}).items()
+                         if name != "model"}
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
     for spec in args.models.split(","):
         arch, size = spec.split("@")
-        width, height, length = (int(v) for v in size.split("x"))
-        latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)
-        tokens = latent.shape[2] * (latent.shape[3] // 2) * (latent.shape[4] // 2)
+        if arch in IMAGE_MODELS:
+            width, height = (int(v) for v in size.split("x"))
+            latent = torch.zeros(1, 16, height // 8, width // 8)
+        else:
+            width, height, length = (int(v) for v in size.split("x"))
+            latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)
+        tokens = latent[0, 0].numel() // 4  # 2x2 patches (per frame)
         model, positive, negative = BUILDERS[arch](args.layers)
         methods = [("none", 0.0, model)]
         for ratio in ratios:
             for scope in args.scopes.split(","):
                 for importance in ("random", "cfg"):
-                    (patched,) = node.patch(model, ratio=ratio, importance=importance, start_percent=0.0,
-                                            end_percent=1.0, levels="auto", scope=scope)
+                    settings = dict(ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
+                                    levels="auto", scope=scope)
+                    if args.cfg == 1.0 and importance == "cfg":  # no uncond pass: the CFG-free source
+                        (patched,) = advanced.patch(model, **dict(advanced_defaults, **settings, cfg1_mode="change"))
+                    else:
+                        (patched,) = node.patch(model, **settings)
                     suffix = "-transformer" if scope == "transformer" else ""
                     methods.append((f"itm-{importance}{suffix}", ratio, patched))
         label = f"{arch}@{size} ({args.layers} blocks, {tokens} tokens)"
         print(f"[{label}] warm-up", flush=True)  # noqa: T201
-        bench_speed.sample_steps(model, positive, negative, latent, steps=2)
+        bench_speed.sample_steps(model, positive, negative, latent, steps=2, cfg=args.cfg)
         times = {(name, ratio): [] for name, ratio, _ in methods}
         for rep in range(args.reps):
             for name, ratio, patched in methods:
-                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent, steps=args.steps)
+                steps, _ = bench_speed.sample_steps(patched, positive, negative, latent, steps=args.steps, cfg=args.cfg)
                 times[(name, ratio)] += steps
                 print(f"[{label}] rep {rep + 1}/{args.reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                       + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
-        kernel, total = kernel_share(model, positive, negative, latent)
+        kernel, total = kernel_share(model, positive, negative, latent, cfg=args.cfg)
         share = kernel / total if total else 0.0
         base = statistics.median(times[("none", 0.0)])
         for (name, ratio), values in times.items():
             med = statistics.median(values)
             if name == "none":
                 ideal = 0.0
-            elif name.endswith("-transformer"):  # upper bound: everything but the kernel counted as block work
-                ideal = share * (1 - (1 - ratio) ** 2) + (1 - share) * ratio
-            else:
-                ideal = share * (1 - (1 - ratio) ** 2)
+            else:  # the kernel scales with L^2, L = text + image tokens; only image tokens merge
+                text = TEXT_TOKENS[arch]
+                kernel_saving = 1 - ((text + (1 - ratio) * tokens) / (text + tokens)) ** 2
+                ideal = share * kernel_saving
+                if name.endswith("-transformer"):  # upper bound: everything but the kernel counted as block work
+                    ideal += (1 - share) * ratio * tokens / (text + tokens)
             rows.append({
                 "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,
                 "s_per_eval": bench_speed.fmt(values), "median_s": round(med, 3),

@@ -171,8 +171,8 @@ def method_models(model, ratios, has_builtin, methods):
     return out
 
 
-def sample_steps(model, positive, negative, latent, steps=None):
-    """Run the sampler for ``steps`` (default STEPS) steps; returns the durations of steps 1.. (seconds) and the peak
+def sample_steps(model, positive, negative, latent, steps=None, cfg=5.0):
+    """Run the sampler for ``steps`` (default STEPS) steps at ``cfg``; returns the durations of steps 1.. (seconds) and the peak
     memory."""
     import comfy.sample
     import torch
@@ -187,7 +187,7 @@ def sample_steps(model, positive, negative, latent, steps=None):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        comfy.sample.sample(model, noise, steps or STEPS, 5.0, "euler", "normal", positive, negative, latent,
+        comfy.sample.sample(model, noise, steps or STEPS, cfg, "euler", "normal", positive, negative, latent,
                             callback=callback, disable_pbar=True, seed=0)
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss.peak
     return [b - a for a, b in zip(marks, marks[1:])], peak

@@ -256,7 +256,8 @@ def init_weights_(module, seed: int = 0, gain: float = 1.0):
     tensors come from torch.empty = garbage/NaN), so every parameter must be written.
 
     Parameters are visited in named_parameters() order (stable for a given config) with one seeded CPU generator:
-    >=2-D weights ~ U(-g/sqrt(fan_in), g/sqrt(fan_in)); 1-D '*.weight' (norms) = 1; biases = 0.
+    >=2-D weights ~ U(-g/sqrt(fan_in), g/sqrt(fan_in)); 1-D '*.weight' (norms) = 1; biases = 0; an SD3 ``pos_embed``
+    table (a buffer loaded from the checkpoint) ~ N(0, 0.5²).
     """
     import torch
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -273,6 +274,8 @@ def init_weights_(module, seed: int = 0, gain: float = 1.0):
             else:
                 p.zero_()
         for name, b in module.named_buffers():
+            if name.endswith("pos_embed") and b.ndim == 3:  # SD3's learned position table: loaded, not computed
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
             if not torch.isfinite(b).all():
                 raise ValueError(f"non-finite buffer {name}")
     return module
@@ -531,6 +534,31 @@ def tiny_flux_model(seed: int = 0, device=None, **config):
     kind = comfy.supported_models.Flux if cfg["guidance_embed"] else comfy.supported_models.FluxSchnell
     model = _build(kind, cfg, seed, device)
     return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=10))
+
+
+def sd3_config(depth: int = 2, text_dim: int = 32, pooled_dim: int = 32, attn2_layers=(0,),
+               pos_embed_max_size: int = 24) -> dict:
+    """An SD3 / SD3.5 MMDiT config (ComfyUI's own class; width = 64 x depth, heads = depth: the real SD3.5 medium has
+    depth 24, SD3.5 large 38; text 4096, pooled 2048). ``attn2_layers``: blocks with SD3.5 medium's image-only
+    self-attention."""
+    return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+            "adm_in_channels": pooled_dim, "pos_embed_scaling_factor": None,
+            "context_embedder_config": {"target": "torch.nn.Linear",
+                                        "params": {"in_features": text_dim, "out_features": 64 * depth}},
+            "num_patches": pos_embed_max_size ** 2, "pos_embed_max_size": pos_embed_max_size, "qk_norm": "rms",
+            "x_block_self_attn_layers": list(attn2_layers)}
+
+
+def tiny_sd3_model(seed: int = 0, device=None, **config):
+    """A tiny SD3.5-style MMDiT (comfy.supported_models.SD3; current ComfyUI only) and two conditionings (10 text
+    tokens + pooled vector). Latents are [B, 16, H, W] (EmptySD3LatentImage)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("the MMDiT adapter is tested on current ComfyUI only")
+    import comfy.supported_models
+    cfg = sd3_config(**config)
+    model = _build(comfy.supported_models.SD3, cfg, seed, device)
+    return (model, *_cond(cfg["context_embedder_config"]["params"]["in_features"], cfg["adm_in_channels"], seed + 1,
+                          tokens=10))
 
 
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):

@@ -16,7 +16,7 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 # node types of third-party packs that some workflows use (prefix -> pack); only these may be missing on a host
 THIRD_PARTY = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
 # workflows of model families that only current ComfyUI has (WAN): skipped with the reason on the 2024 host
-CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json"}
+CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json"}
 
 
 def _class(name):
@@ -34,8 +34,9 @@ def _require_node_types(workflow):
     import nodes
 
     if workflow.get("_name") in CURRENT_ONLY and H.host_kind() != "modern":
-        pytest.skip(f"{workflow['_name']} uses video-DiT nodes (CLIPLoader type wan, EmptyHunyuanLatentVideo, "
-                    "WanImageToVideo, CreateVideo) that the 2024 host does not have")
+        pytest.skip(f"{workflow['_name']} uses DiT nodes (CLIPLoader type wan, DualCLIPLoader type flux, "
+                    "EmptyHunyuanLatentVideo, WanImageToVideo, CreateVideo, ConditioningZeroOut) or models that the "
+                    "2024 host does not have")
     types = {node["type"] for node in workflow["nodes"]}
     needed = {prefix: pack for prefix, pack in THIRD_PARTY.items() if any(t.startswith(prefix) for t in types)}
     reasons = []

@@ -31,7 +31,8 @@ MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, le
 WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less faithful (README "Video DiTs")
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
-CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json")
+CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json")
+FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
 
@@ -352,6 +353,32 @@ def hunyuan_t2v(schema):
                       "joint attention's image tokens are merged per latent frame; text tokens never.")
 
 
+def flux_dev_t2i(schema):
+    """Flux.1 dev text to image (1024x1024), cfg 1 + FluxGuidance as ComfyUI's own example runs it."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("UNETLoader", (40, 40), unet_name="flux1-dev.safetensors", weight_dtype="default")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **FLUX_MERGE)
+    b.link(loader, 0, merge, "model")
+    clip = b.add("DualCLIPLoader", (40, 300), clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors",
+                 type="flux", device="default")
+    vae = b.add("VAELoader", (40, 520), vae_name="ae.safetensors")
+    text = b.add("CLIPTextEncode", (420, 300), title="Prompt",
+                 text="a cozy reading nook by a rainy window, warm lamp light, watercolor illustration")
+    b.link(clip, 0, text, "clip")
+    guidance = b.add("FluxGuidance", (420, 540), guidance=3.5)
+    b.link(text, 0, guidance, "conditioning")
+    negative = b.add("ConditioningZeroOut", (420, 700))
+    b.link(text, 0, negative, "conditioning")
+    latent = b.add("EmptySD3LatentImage", (420, 820), width=1024, height=1024, batch_size=1)
+    sample_decode_save(b, (merge, 0), (guidance, 0), (negative, 0), (latent, 0), (vae, 0), "importance_tome_flux",
+                       steps=20, cfg=1.0, sampler_name="euler", scheduler="simple")
+    return b.workflow("Flux.1 dev text to image (1024x1024 = 64x64 image tokens + 512 text tokens): whole double- "
+                      "and single-stream blocks run on half of the image tokens; text tokens are never merged. "
+                      "Guidance-distilled, so cfg 1 with FluxGuidance: without an uncond pass there is no CFG "
+                      "importance map, and the node merges like random ToMe (or set cfg1_mode = change on the "
+                      "advanced node; see README). Models: flux1-dev, clip_l, t5xxl_fp16, ae.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -404,7 +431,8 @@ def examples(schema, animatediff_nodes=False, current=True):
     extra = {"sd15_animatediff.json": animatediff(schema)} if animatediff_nodes else {}
     if current:
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
-                      "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema)})
+                      "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
+                      "flux_dev_t2i.json": flux_dev_t2i(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

@@ -303,6 +303,23 @@ class HostTestTinyFluxModel:
         return _boot().tiny_flux_model(seed=seed, double=double, single=single, guidance=guidance)
 
 
+class HostTestTinySD3Model:
+    """A tiny SD3.5-style MMDiT (ComfyUI's own class; block 0 has the image-only attn2) with two conditionings;
+    current ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "depth": ("INT", {"default": 2, "min": 1, "max": 40})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, depth):
+        return _boot().tiny_sd3_model(seed=seed, depth=depth)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
@@ -390,6 +407,7 @@ NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec
 NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
 NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
 NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
+NODE_CLASS_MAPPINGS["HostTestTinySD3Model"] = HostTestTinySD3Model
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

@@ -1,8 +1,10 @@
-"""Importance merging on Flux (ComfyUI's Flux class), through a real ComfyUI 0.14.1; skipped on the 2024 host.
+"""Importance merging on image DiTs (ComfyUI's Flux and SD3 MMDiT classes), through a real ComfyUI 0.14.1; skipped
+on the 2024 host.
 
-The models are tiny Flux.1 models built with ComfyUI's own classes (2 double + 2 single blocks, width 64); latents
-come from EmptySD3LatentImage ([B, 16, H/8, W/8]): 96x64 = a 8x12 latent = 4x6 = 24 image tokens (2x2 patch), plus
-10 text tokens that are never merged.
+The models are tiny ones built with ComfyUI's own classes: Flux.1 (2 double + 2 single blocks, width 64) and an
+SD3.5-medium-style MMDiT (2 joint blocks, width 128, block 0 with the image-only attn2). Latents come from
+EmptySD3LatentImage ([B, 16, H/8, W/8]): 96x64 = a 8x12 latent = 4x6 = 24 image tokens (2x2 patch), plus 10 text
+tokens that are never merged.
 """
 import pytest
 import torch
@@ -14,6 +16,9 @@ from graph import Graph, latent, node_classes
 SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
 BLOCKS = dict(SIMPLE, scope="transformer")
 TEXT, IMAGE = 10, 24
+# family -> (tiny model node and inputs, attention calls per evaluation, the image-only calls' share of them)
+FAMILIES = {"flux": ("HostTestTinyFluxModel", dict(seed=0, double=2, single=2), 4),
+            "sd3": ("HostTestTinySD3Model", dict(seed=0, depth=2), 3)}  # 2 joint attentions + block 0's attn2
 
 
 @pytest.fixture(autouse=True)
@@ -22,9 +27,11 @@ def _modern(comfy):
         pytest.skip("Flux merging needs current ComfyUI (attention override, DIFFUSION_MODEL wrappers, Flux class)")
 
 
-def flux_graph(merge=SIMPLE, batch=1, steps=3, cfg=4.0, seed=3, sampler="euler", guidance=True, positive=None):
+def dit_graph(merge=SIMPLE, batch=1, steps=3, cfg=4.0, seed=3, sampler="euler", guidance=True, positive=None,
+               family="flux"):
     g = Graph()
-    tiny = g.add("HostTestTinyFluxModel", seed=0, double=2, single=2, guidance=guidance)
+    node, inputs, _ = FAMILIES[family]
+    tiny = g.add(node, **(dict(inputs, guidance=guidance) if family == "flux" else inputs))
     model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0]
     if merge is not None:
         model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
@@ -38,8 +45,14 @@ def flux_graph(merge=SIMPLE, batch=1, steps=3, cfg=4.0, seed=3, sampler="euler",
 
 
 def calls(node_id="rec"):
+    """The recorded attention calls of the blocks (SD3's MMDiT has only those, and no block info)."""
     return [c for c in node_classes()["HostTestAttentionRecorder"].RECORDS[node_id]
-            if c["block_type"] in ("double", "single") and c["block_index"] is not None]
+            if c["block_type"] is None or c["block_type"] in ("double", "single") and c["block_index"] is not None]
+
+
+def lengths(family, image):
+    """Attention lengths with ``image`` image tokens: joint (text + image), and SD3.5's image-only attn2."""
+    return {TEXT + image} | ({image} if family == "sd3" else set())
 
 
 def last_run():
@@ -50,48 +63,52 @@ def relative(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("merge", [SIMPLE, BLOCKS], ids=["attention", "transformer"])
-def test_joint_attention_runs_on_merged_image_tokens_text_untouched(comfy, merge):
-    """Every block's joint attention sees the 10 text tokens and half of the 24 image tokens; the image stays close
-    to the unmerged one; cond and uncond share one partition per step; the CFG map of step n drives step n + 1."""
-    H.run_prompt(flux_graph(merge=None)[0].prompt)
+def test_joint_attention_runs_on_merged_image_tokens_text_untouched(comfy, merge, family):
+    """Every block's joint attention sees the 10 text tokens and half of the 24 image tokens (SD3.5's image-only
+    attn2 half of the image tokens); the image stays close to the unmerged one; cond and uncond share one partition
+    per step; the CFG map of step n drives step n + 1."""
+    H.run_prompt(dit_graph(merge=None, family=family)[0].prompt)
     reference = latent("out").clone()
-    assert {c["length"] for c in calls()} == {TEXT + IMAGE}
-    H.run_prompt(flux_graph(merge=merge)[0].prompt)
+    assert {c["length"] for c in calls()} == lengths(family, IMAGE)
+    H.run_prompt(dit_graph(merge=merge, family=family)[0].prompt)
     merged = latent("out").clone()
     assert merged.shape == reference.shape == (1, 16, 8, 12) and torch.isfinite(merged).all()
     assert 1e-5 < relative(merged, reference) < 0.6, relative(merged, reference)
     seen = calls()
-    assert {c["length"] for c in seen} == {TEXT + IMAGE // 2}
+    assert {c["length"] for c in seen} == lengths(family, IMAGE // 2)
     assert {c["rows"] for c in seen} == {2}  # cond and uncond in one call
-    assert len(seen) == 3 * (2 + 2)  # 3 steps x (2 double + 2 single blocks)
+    assert len(seen) == 3 * FAMILIES[family][2]  # 3 steps x the blocks' attention calls
     run = last_run()
     assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == []
     assert run.maps_captured == 3 and run.evaluations_with_map == 2 and run.partitions == 3
 
 
-def test_importance_decides_the_partition(comfy):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_importance_decides_the_partition(comfy, family):
     """The same seed with importance = cfg and = random gives different images (the map is used, not ignored), and
     random is the plain ToMe baseline (no map captured)."""
-    H.run_prompt(flux_graph(merge=SIMPLE, steps=4)[0].prompt)
+    H.run_prompt(dit_graph(merge=SIMPLE, steps=4, family=family)[0].prompt)
     cfg = latent("out").clone()
-    H.run_prompt(flux_graph(merge=dict(SIMPLE, importance="random"), steps=4)[0].prompt)
+    H.run_prompt(dit_graph(merge=dict(SIMPLE, importance="random"), steps=4, family=family)[0].prompt)
     rand = latent("out").clone()
     run = last_run()
     assert run.maps_captured == 0 and run.evaluations_without_map == 4 and run.tokens == {0: (IMAGE, IMAGE // 2)}
     assert relative(cfg, rand) > 1e-4
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("merge", [SIMPLE, BLOCKS], ids=["attention", "transformer"])
-def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge):
+def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge, family):
     """cond and uncond in separate model calls (ComfyUI does that when memory is short) give the same image as one
     call: one partition per step and sample."""
-    H.run_prompt(flux_graph(merge=merge, batch=2)[0].prompt)
+    H.run_prompt(dit_graph(merge=merge, batch=2, family=family)[0].prompt)
     joint = latent("out").clone()
     import comfy.model_management as mm
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
-    H.run_prompt(flux_graph(merge=merge, batch=2)[0].prompt)
+    H.run_prompt(dit_graph(merge=merge, batch=2, family=family)[0].prompt)
     split = latent("out").clone()
     assert {c["rows"] for c in calls()} == {2}  # two samples, cond and uncond now in separate calls
     torch.testing.assert_close(split, joint, atol=1e-4, rtol=1e-4)
@@ -101,14 +118,14 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge):
 def test_cfg1_change_importance(comfy, guidance):
     """Flux dev / schnell run at cfg 1 (no uncond pass): cfg1_mode = change takes importance from how much the
     prediction moved since the previous step (no extra model pass: one row per call); random is the default."""
-    H.run_prompt(flux_graph(merge=SIMPLE, cfg=1.0, steps=4, guidance=guidance)[0].prompt)
+    H.run_prompt(dit_graph(merge=SIMPLE, cfg=1.0, steps=4, guidance=guidance)[0].prompt)
     run = last_run()
     assert run.maps_captured == 0 and any("no uncond pass" in f for f in run.fallbacks)
     assert run.tokens == {0: (IMAGE, IMAGE // 2)}
     default = latent("out").clone()
     advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
                     cfg1_mode="change", merge_cross_attn=False, merge_seed=0)
-    g, _ = flux_graph(merge=None, cfg=1.0, steps=4, guidance=guidance)
+    g, _ = dit_graph(merge=None, cfg=1.0, steps=4, guidance=guidance)
     g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge",
                                                  model=["rec", 0], **advanced)[0]
     H.run_prompt(g.prompt)
@@ -122,7 +139,7 @@ def test_cfg1_change_importance(comfy, guidance):
 def test_reference_latent_tokens_stay_unmerged(comfy, scope):
     """Kontext-style reference latents (ReferenceLatent) are appended after the image tokens: they, like the text,
     are never merged, and RoPE / the residual stream stay aligned (the image stays close to the unmerged one)."""
-    g, tiny = flux_graph(merge=None)
+    g, tiny = dit_graph(merge=None)
     reference_latent = g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1)  # 8x8 -> 16 tokens
     positive = g.add("ReferenceLatent", conditioning=tiny[1], latent=reference_latent[0])
     negative = g.add("ReferenceLatent", conditioning=tiny[2], latent=reference_latent[0])
@@ -140,31 +157,33 @@ def test_reference_latent_tokens_stay_unmerged(comfy, scope):
     assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
 
 
-def test_area_conditioning_uses_its_crop_of_the_map(comfy):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_area_conditioning_uses_its_crop_of_the_map(comfy, family):
     """An area cond (ConditioningSetArea) runs the model on a crop of the latent: its partition uses that crop of the
     importance map (found from the area), and the image stays finite and close to the unmerged one."""
-    g, tiny = flux_graph(merge=None)
+    g, tiny = dit_graph(merge=None, family=family)
     area = g.add("ConditioningSetArea", conditioning=tiny[1], width=64, height=64, x=32, y=0, strength=1.0)
     both = g.add("ConditioningCombine", conditioning_1=tiny[1], conditioning_2=area[0])
     g.prompt["sampler"]["inputs"]["positive"] = both[0]
     H.run_prompt(g.prompt)
     unmerged = latent("out").clone()
-    assert {c["length"] for c in calls()} == {TEXT + IMAGE, TEXT + 16}  # the 8x8 crop: 4x4 tokens
+    assert {c["length"] for c in calls()} == lengths(family, IMAGE) | lengths(family, 16)  # the 8x8 crop: 4x4
     g.add("ITM_ImportanceTokenMerging", "merge", model=["rec", 0], **SIMPLE)
     g.prompt["probe"]["inputs"]["model"] = ["merge", 0]
     H.run_prompt(g.prompt)
     merged = latent("out").clone()
-    assert {c["length"] for c in calls()} == {TEXT + IMAGE // 2, TEXT + 8}
+    assert {c["length"] for c in calls()} == lengths(family, IMAGE // 2) | lengths(family, 8)
     assert torch.isfinite(merged).all() and 1e-5 < relative(merged, unmerged) < 0.6
     run = last_run()
     assert run.fallbacks == [] and run.tokens == {0: (IMAGE, IMAGE // 2)} and run.evaluations_with_map == 2
 
 
-def test_requeue_with_another_ratio_replaces_the_merging(comfy):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_requeue_with_another_ratio_replaces_the_merging(comfy, family):
     """The node applied to a model that already carries it (a re-queued graph after a widget edit, or two nodes in a
     row) replaces the earlier merging instead of stacking a second one."""
     node = node_classes()["ITM_ImportanceTokenMerging"]()
-    model, positive, negative = H.tiny_flux_model(seed=0)
+    model, positive, negative = (H.tiny_flux_model if family == "flux" else H.tiny_sd3_model)(seed=0)
     for scope in ("attention", "transformer"):
         (first,) = node.patch(model, **dict(SIMPLE, scope=scope))
         (second,) = node.patch(first, **dict(SIMPLE, scope=scope, ratio=0.25))

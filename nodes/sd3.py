@@ -1,0 +1,50 @@
+"""Adapter for ComfyUI's SD3 / SD3.5 MMDiT (``comfy.ldm.modules.diffusionmodules.mmdit``: SD3 medium, SD3.5
+medium / large / large turbo). Current ComfyUI only.
+
+Every joint block runs one attention over ``cat(context, x)`` (:mod:`nodes.joint` merges the image part; the text, and
+the register tokens prepended to it, never merge); SD3.5 medium adds an image-only self-attention ``attn2`` in some
+blocks, merged the same way. Positions are an absolute embedding added once at the input, so nothing positional
+travels with the tokens. MMDiT gives its blocks no block index and has no ``DIFFUSION_MODEL`` wrapper: the grid comes
+from an ``APPLY_MODEL`` wrapper and each block replacement knows its own index. Attention runs in ComfyUI's
+``[B, L, heads * head_dim]`` layout.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from ..merging import TokenGrid
+from . import joint
+from .settings import MergeSettings
+
+
+def supports(model) -> bool:
+    """True for ComfyUI's SD3 model (the MMDiT class it builds; other MMDiT users such as ControlNets are not)."""
+    if not joint.has_joint_hooks():
+        return False
+    try:
+        import comfy.patcher_extension  # noqa: PLC0415 (host modules)
+        from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper  # noqa: PLC0415
+    except ImportError:
+        return False
+    if not hasattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL"):
+        return False
+    return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is OpenAISignatureMMDITWrapper
+
+
+class MMDiTRuntime(joint.ImageRuntime):
+    family = "SD3"
+    BLOCKS = (("double_block", "joint_blocks"),)
+    WRAPPER = "APPLY_MODEL"
+    BLOCK_INFO = False
+
+    def read_input(self, model, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
+        net = getattr(model, "diffusion_model", None)
+        if x.ndim != 4 or net is None:
+            return None
+        patch = net.patch_size
+        return TokenGrid(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch)), 0
+
+
+def apply(model, settings: MergeSettings, live=None):
+    """Clone ``model`` and attach importance merging to SD3's MMDiT. The input model is never modified."""
+    return joint.apply(model, settings, MMDiTRuntime, live=live)

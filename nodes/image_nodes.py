@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import flux, hunyuan, sd3, unet, wan
+from . import flux, hunyuan, qwen, sd3, unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
     CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
@@ -62,7 +62,7 @@ _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input m
 _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live preview is shown on this node
 
 
-ADAPTERS = (unet, wan, hunyuan, flux, sd3)  # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
+ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen)  # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
 
 
 def _patch(model, settings: MergeSettings, node_id=None):

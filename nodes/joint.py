@@ -44,9 +44,11 @@ class JointRuntime(VideoDiTRuntime):
         self.grid: Optional[TokenGrid] = None  # image token grid of the forward being run (set by the wrapper)
         self.tail = 0  # tokens after the image part of every joint sequence (appended reference latents)
         self.latent_size: Optional[Tuple[int, int]] = None  # the call's latent (H, W): image families' map crops
+        self.refusal: Optional[Tuple[str, str]] = None  # (note key, text): this forward runs unmerged (read_input)
 
     def read_input(self, net, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[Tuple[TokenGrid, int]]:
-        """(image token grid, tokens after the image part) of a forward of ``net`` on ``x``, or None (not merged)."""
+        """(image token grid, tokens after the image part) of a forward of ``net`` on ``x``, or None (not merged,
+        not counted). To run a forward unmerged with a note, set ``self.refusal`` and return the layout."""
         raise NotImplementedError
 
     def image_start(self, length: int) -> int:
@@ -67,6 +69,9 @@ class JointRuntime(VideoDiTRuntime):
         """The merge of the image tokens of a ``tokens``-long sequence (``metric()`` gives their features) in block
         ``block`` (default: transformer_options' block_index), or None to run the call unmerged."""
         if self._forward(extra) is None:
+            return None
+        if self.refusal is not None:
+            self.note(*self.refusal)
             return None
         if self.image_start(tokens) < 0:
             return self.refuse(tokens, self.grid)
@@ -100,7 +105,7 @@ def grid_wrapper(executor, x, *args, **kwargs):
     try:
         return executor(x, *args, **kwargs)
     finally:
-        runtime.grid, runtime.tail, runtime.latent_size = None, 0, None
+        runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal = None, 0, None, None
 
 
 def _cut(t: torch.Tensor, dim: int, start: int, image: int, kept: int) -> torch.Tensor:

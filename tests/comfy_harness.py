@@ -561,6 +561,26 @@ def tiny_sd3_model(seed: int = 0, device=None, **config):
                           tokens=10))
 
 
+def qwen_config(layers: int = 2, heads: int = 2, head_dim: int = 32, text_dim: int = 32) -> dict:
+    """A Qwen-Image config (ComfyUI's own class; the real model has 60 layers, 24 heads of 128, text 3584, axes
+    (16, 56, 56))."""
+    axes = [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]
+    return {"image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": layers,
+            "attention_head_dim": head_dim, "num_attention_heads": heads, "joint_attention_dim": text_dim,
+            "axes_dims_rope": axes}
+
+
+def tiny_qwen_model(seed: int = 0, device=None, **config):
+    """A tiny Qwen-Image model (comfy.supported_models.QwenImage; current ComfyUI only) and two conditionings (10
+    text tokens). Latents are [B, 16, H, W] (EmptySD3LatentImage) or [B, 16, 1, H, W]."""
+    if _need_boot() != "modern":
+        raise RuntimeError("Qwen-Image exists only in current ComfyUI")
+    import comfy.supported_models
+    cfg = qwen_config(**config)
+    model = _build(comfy.supported_models.QwenImage, cfg, seed, device)
+    return (model, *_cond(cfg["joint_attention_dim"], None, seed + 1, tokens=10))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

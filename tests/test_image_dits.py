@@ -1,8 +1,9 @@
-"""Importance merging on image DiTs (ComfyUI's Flux and SD3 MMDiT classes), through a real ComfyUI 0.14.1; skipped
-on the 2024 host.
+"""Importance merging on image DiTs (ComfyUI's Flux, SD3 MMDiT and Qwen-Image classes), through a real ComfyUI
+0.14.1; skipped on the 2024 host.
 
-The models are tiny ones built with ComfyUI's own classes: Flux.1 (2 double + 2 single blocks, width 64) and an
-SD3.5-medium-style MMDiT (2 joint blocks, width 128, block 0 with the image-only attn2). Latents come from
+The models are tiny ones built with ComfyUI's own classes: Flux.1 (2 double + 2 single blocks, width 64), an
+SD3.5-medium-style MMDiT (2 joint blocks, width 128, block 0 with the image-only attn2) and Qwen-Image (2 blocks,
+width 64; its latent is [B, 16, 1, H, W]). Latents come from
 EmptySD3LatentImage ([B, 16, H/8, W/8]): 96x64 = a 8x12 latent = 4x6 = 24 image tokens (2x2 patch), plus 10 text
 tokens that are never merged.
 """
@@ -18,7 +19,8 @@ BLOCKS = dict(SIMPLE, scope="transformer")
 TEXT, IMAGE = 10, 24
 # family -> (tiny model node and inputs, attention calls per evaluation, the image-only calls' share of them)
 FAMILIES = {"flux": ("HostTestTinyFluxModel", dict(seed=0, double=2, single=2), 4),
-            "sd3": ("HostTestTinySD3Model", dict(seed=0, depth=2), 3)}  # 2 joint attentions + block 0's attn2
+            "sd3": ("HostTestTinySD3Model", dict(seed=0, depth=2), 3),  # 2 joint attentions + block 0's attn2
+            "qwen": ("HostTestTinyQwenModel", dict(seed=0, layers=2), 2)}
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +76,7 @@ def test_joint_attention_runs_on_merged_image_tokens_text_untouched(comfy, merge
     assert {c["length"] for c in calls()} == lengths(family, IMAGE)
     H.run_prompt(dit_graph(merge=merge, family=family)[0].prompt)
     merged = latent("out").clone()
-    assert merged.shape == reference.shape == (1, 16, 8, 12) and torch.isfinite(merged).all()
+    assert merged.shape == reference.shape and reference.shape[-2:] == (8, 12) and torch.isfinite(merged).all()
     assert 1e-5 < relative(merged, reference) < 0.6, relative(merged, reference)
     seen = calls()
     assert {c["length"] for c in seen} == lengths(family, IMAGE // 2)
@@ -135,15 +137,31 @@ def test_cfg1_change_importance(comfy, guidance):
     assert relative(latent("out"), default) > 1e-5
 
 
+def reference_graph(family, method=None):
+    """The family's graph with a reference latent (8x8 -> 16 tokens) on both conds, as edit models take it."""
+    g, tiny = dit_graph(merge=None, family=family)
+    if family == "qwen":  # Qwen-Image latents are 5-D
+        reference_latent = g.add("EmptyHunyuanLatentVideo", width=64, height=64, length=1, batch_size=1)
+    else:
+        reference_latent = g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1)
+    conds = []
+    for slot in (1, 2):
+        cond = g.add("ReferenceLatent", conditioning=tiny[slot], latent=reference_latent[0])
+        if method is not None:
+            cond = g.add("FluxKontextMultiReferenceLatentMethod", conditioning=cond[0],
+                         reference_latents_method=method)
+        conds.append(cond[0])
+    g.prompt["sampler"]["inputs"].update(positive=conds[0], negative=conds[1])
+    return g
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen"])
 @pytest.mark.parametrize("scope", ["attention", "transformer"])
-def test_reference_latent_tokens_stay_unmerged(comfy, scope):
-    """Kontext-style reference latents (ReferenceLatent) are appended after the image tokens: they, like the text,
-    are never merged, and RoPE / the residual stream stay aligned (the image stays close to the unmerged one)."""
-    g, tiny = dit_graph(merge=None)
-    reference_latent = g.add("EmptySD3LatentImage", width=64, height=64, batch_size=1)  # 8x8 -> 16 tokens
-    positive = g.add("ReferenceLatent", conditioning=tiny[1], latent=reference_latent[0])
-    negative = g.add("ReferenceLatent", conditioning=tiny[2], latent=reference_latent[0])
-    g.prompt["sampler"]["inputs"].update(positive=positive[0], negative=negative[0])
+def test_reference_latent_tokens_stay_unmerged(comfy, scope, family):
+    """Edit-model reference latents (ReferenceLatent: Flux Kontext, Qwen-Image-Edit) are appended after the image
+    tokens: they, like the text, are never merged, and RoPE / the residual stream stay aligned (the image stays close
+    to the unmerged one)."""
+    g = reference_graph(family)
     H.run_prompt(g.prompt)
     unmerged = latent("out").clone()
     assert {c["length"] for c in calls()} == {TEXT + IMAGE + 16}
@@ -155,6 +173,26 @@ def test_reference_latent_tokens_stay_unmerged(comfy, scope):
     assert torch.isfinite(merged).all() and 1e-5 < relative(merged, unmerged) < 0.6, relative(merged, unmerged)
     run = last_run()
     assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
+
+
+def test_qwen_timestep_zero_references_leave_whole_blocks_unmerged(comfy):
+    """Qwen-Image's index_timestep_zero reference method modulates the reference tokens from an index that a block
+    replacement cannot move: scope = transformer leaves those runs unmerged with a note (the image is the unmerged
+    one); the attention site still merges."""
+    g = reference_graph("qwen", method="index_timestep_zero")
+    H.run_prompt(g.prompt)
+    unmerged = latent("out").clone()
+    for scope, image in (("transformer", IMAGE), ("attention", IMAGE // 2)):
+        g.add("ITM_ImportanceTokenMerging", "merge", model=["rec", 0], **dict(SIMPLE, scope=scope))
+        g.prompt["probe"]["inputs"]["model"] = ["merge", 0]
+        H.run_prompt(g.prompt)
+        assert {c["length"] for c in calls()} == {TEXT + image + 16}
+        run = last_run()
+        if scope == "transformer":
+            torch.testing.assert_close(latent("out"), unmerged)
+            assert any("index_timestep_zero" in f for f in run.fallbacks) and run.merged_calls == 0
+        else:
+            assert run.fallbacks == [] and run.tokens == {0: (IMAGE, IMAGE // 2)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -183,7 +221,8 @@ def test_requeue_with_another_ratio_replaces_the_merging(comfy, family):
     """The node applied to a model that already carries it (a re-queued graph after a widget edit, or two nodes in a
     row) replaces the earlier merging instead of stacking a second one."""
     node = node_classes()["ITM_ImportanceTokenMerging"]()
-    model, positive, negative = (H.tiny_flux_model if family == "flux" else H.tiny_sd3_model)(seed=0)
+    build = {"flux": H.tiny_flux_model, "sd3": H.tiny_sd3_model, "qwen": H.tiny_qwen_model}[family]
+    model, positive, negative = build(seed=0)
     for scope in ("attention", "transformer"):
         (first,) = node.patch(model, **dict(SIMPLE, scope=scope))
         (second,) = node.patch(first, **dict(SIMPLE, scope=scope, ratio=0.25))

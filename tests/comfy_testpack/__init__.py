@@ -320,6 +320,22 @@ class HostTestTinySD3Model:
         return _boot().tiny_sd3_model(seed=seed, depth=depth)
 
 
+class HostTestTinyQwenModel:
+    """A tiny Qwen-Image model (ComfyUI's own class) with two conditionings; current ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "layers": ("INT", {"default": 2, "min": 1, "max": 60})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, layers):
+        return _boot().tiny_qwen_model(seed=seed, layers=layers)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
@@ -408,6 +424,7 @@ NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
 NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
 NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
 NODE_CLASS_MAPPINGS["HostTestTinySD3Model"] = HostTestTinySD3Model
+NODE_CLASS_MAPPINGS["HostTestTinyQwenModel"] = HostTestTinyQwenModel
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

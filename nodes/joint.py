@@ -170,7 +170,8 @@ class JointAttentionOverride:
             return self._call(func, args, kwargs)
         part = plan.partition
         kept = part.sizes.num_kept
-        usable, mask = _mask_for(kwargs.get("mask"), kept, runtime)
+        positional = "mask" not in kwargs and len(args) > 4  # Qwen-Image passes the mask after heads
+        usable, mask = _mask_for(args[4] if positional else kwargs.get("mask"), kept, runtime)
         if not usable:
             return self._call(func, args, kwargs)
 
@@ -184,7 +185,8 @@ class JointAttentionOverride:
 
         runtime.run.summary.merged_calls += 1
         call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
-        out = self._call(func, tuple(merge(t) for t in (q, k, v)) + tuple(args[3:]), call_kwargs)  # [B, L', H*D]
+        rest = (args[3], mask) + tuple(args[5:]) if positional else tuple(args[3:])
+        out = self._call(func, tuple(merge(t) for t in (q, k, v)) + rest, call_kwargs)  # [B, L', H*D]
         return torch.cat([out[:, :start], part.unmerge(out[:, start:start + kept]), out[:, start + kept:]], dim=1)
 
 

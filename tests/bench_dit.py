@@ -9,7 +9,8 @@ WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the r
 HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, pooled 768; the real model has 20
 double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and Flux.1 dev (hidden 3072, 24 heads,
 MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
-specs have no frame count). A CPU run uses ``--layers`` of them
+specs have no frame count) and SD3.5 large (width 2432, 38 heads, 154 text tokens of width 4096, pooled 2048; 38
+joint blocks in the real model; ``sd3@WxH``). A CPU run uses ``--layers`` of them
 (default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
 are a fraction of a percent). Each measurement is one model evaluation (a cond+uncond batch; one row at ``--cfg 1``,
 where the importance rows use ``cfg1_mode = change``) inside ComfyUI's own sampler after the first step (importance
@@ -87,9 +88,23 @@ def build_flux(layers: int, seed: int = 0):
     return model, conds[0], conds[1]
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux}
-IMAGE_MODELS = ("flux",)
-TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512}  # text tokens in the blocks' self-attention (never merged)  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
+def build_sd3(layers: int, seed: int = 0):
+    """SD3.5 large blocks: depth 38 sets the width (64 x 38 = 2432, 38 heads); ``layers`` of its 38 joint blocks."""
+    import torch
+    import comfy.supported_models
+
+    config = H.sd3_config(depth=38, text_dim=4096, pooled_dim=2048, attn2_layers=(), pos_embed_max_size=192,
+                          num_blocks=layers)
+    model = H._build(comfy.supported_models.SD3, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 154, 4096, generator=g), {"pooled_output": torch.randn(1, 2048, generator=g)}]]
+             for _ in range(2)]  # CLIP-L/G (77) + T5 (77) tokens
+    return model, conds[0], conds[1]
+
+
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3}
+IMAGE_MODELS = ("flux", "sd3")  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
+TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154}  # text tokens in the self-attention (never merged)
 
 
 def kernel_share(model, positive, negative, latent, cfg=5.0):

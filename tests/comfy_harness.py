@@ -537,11 +537,12 @@ def tiny_flux_model(seed: int = 0, device=None, **config):
 
 
 def sd3_config(depth: int = 2, text_dim: int = 32, pooled_dim: int = 32, attn2_layers=(0,),
-               pos_embed_max_size: int = 24) -> dict:
+               pos_embed_max_size: int = 24, num_blocks=None) -> dict:
     """An SD3 / SD3.5 MMDiT config (ComfyUI's own class; width = 64 x depth, heads = depth: the real SD3.5 medium has
     depth 24, SD3.5 large 38; text 4096, pooled 2048). ``attn2_layers``: blocks with SD3.5 medium's image-only
-    self-attention."""
-    return {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
+    self-attention; ``num_blocks``: fewer blocks than ``depth`` at the same width (benchmarks)."""
+    extra = {} if num_blocks is None else {"num_blocks": num_blocks}
+    return {**extra, "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": depth, "input_size": None,
             "adm_in_channels": pooled_dim, "pos_embed_scaling_factor": None,
             "context_embedder_config": {"target": "torch.nn.Linear",
                                         "params": {"in_features": text_dim, "out_features": 64 * depth}},

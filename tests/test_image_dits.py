@@ -237,6 +237,28 @@ def test_requeue_with_another_ratio_replaces_the_merging(comfy, family):
         assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
 
 
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_qwen_text_mask_is_cut_to_the_merged_length(comfy, scope):
+    """Qwen-Image's text encoder pads the prompt and sends a mask, which the joint attention gets (positionally) over
+    text + image tokens: it is cut to the merged length (its image part is zero), the padded text stays masked."""
+    import comfy.sample
+
+    model, positive, negative = H.tiny_qwen_model(seed=0)
+    mask = torch.ones(1, TEXT)
+    mask[:, 7:] = 0  # the last 3 text tokens are padding
+    positive = [[positive[0][0], dict(positive[0][1], attention_mask=mask)]]
+    negative = [[negative[0][0], dict(negative[0][1], attention_mask=mask)]]
+    node = node_classes()["ITM_ImportanceTokenMerging"]()
+    (patched,) = node.patch(model, **dict(SIMPLE, scope=scope))
+    noise = torch.randn(1, 16, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    args = (3, 4.0, "euler", "simple", positive, negative, torch.zeros_like(noise))
+    out = comfy.sample.sample(patched, noise, *args, seed=0, disable_pbar=True)
+    reference = comfy.sample.sample(model, noise, *args, seed=0, disable_pbar=True)
+    assert torch.isfinite(out).all() and 1e-5 < relative(out, reference) < 0.6, relative(out, reference)
+    run = patched.model_options["transformer_options"]["importance_tome"].summaries()[-1]
+    assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.merged_calls == 3 * 2 and run.fallbacks == []
+
+
 def test_mask_over_text_is_cut_and_mask_over_image_refuses(comfy):
     """Joint attention masks cover [text][image][reference]: a mask whose image part is zero is cut to the merged
     length on both axes of a square mask; one that touches image tokens leaves the call unmerged (noted)."""

@@ -52,7 +52,13 @@ class VideoDiTRuntime(MergeRuntime):
         if metric.shape[1] != grid.num_tokens:
             return self.refuse(metric.shape[1], grid)
         self._fallbacks_once()
-        block = block_index if self.settings.partition_reuse == "block" else None
+        block = None
+        if self.settings.partition_reuse == "block":
+            if block_index is None:
+                self.note("reuse", "partition_reuse = block: this model does not say which block an attention call "
+                          "belongs to; one partition per step instead")
+            else:  # Flux and HunyuanVideo number double and single blocks from 0 each
+                block = (extra.get("block_type"), block_index)
         key = (kind, block, grid.frames, grid.height, grid.width, metric.shape[0])
         run = self.run
         if key not in run.partitions:

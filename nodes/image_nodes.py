@@ -19,8 +19,10 @@ log = logging.getLogger("comfyui_importance_tome")
 
 CATEGORY = "model_patches/token_merging"
 
-_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; WAN 2.x "
-                                  "video models (current ComfyUI; self-attention of every block, per frame)."})
+_MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; on "
+                                  "current ComfyUI also WAN 2.x and HunyuanVideo (per latent frame), Flux, SD3 / SD3.5 "
+                                  "and Qwen-Image (image tokens only; text and reference tokens never merge). Other "
+                                  "models pass through unchanged with a warning."})
 _COMMON = {
     "ratio": ("FLOAT", {
         "default": 0.5, "min": 0.0, "max": MAX_RATIO, "step": 0.05,
@@ -44,7 +46,8 @@ _COMMON = {
         "default": "auto",
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
-                   "auto+1 also merges the next level down. WAN: not used (every block's self-attention is merged).",
+                   "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, Flux, SD3, "
+                   "Qwen-Image): not used (every block is merged).",
     }),
     "scope": (list(SCOPES), {
         "default": "attention",
@@ -52,8 +55,10 @@ _COMMON = {
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
                    "less faithful (on the demo model 16-18 dB further from the unmerged image at ratio 0.3-0.5); other "
-                   "patches inside those blocks then see the merged token count. WAN / HunyuanVideo: whole blocks "
-                   "run on merged tokens (faster, far less faithful on the video demo model).",
+                   "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, Flux, SD3, "
+                   "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
+                   "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
+                   "less faithful on the video demo model, not measured on image DiTs).",
     }),
 }
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
@@ -191,7 +196,7 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",
-                "tooltip": "Video transformers (WAN): per_frame = tokens merge only with tokens of the same latent "
+                "tooltip": "Video transformers (WAN, HunyuanVideo): per_frame = tokens merge only with tokens of the same latent "
                            "frame and every frame keeps the same share; across_frames = spatio-temporal merging, a "
                            "token may merge into the most alike destination of any frame (static regions merge over "
                            "time; frames keep different shares). Ignored on UNet models.",

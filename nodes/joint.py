@@ -79,15 +79,21 @@ class JointRuntime(VideoDiTRuntime):
 
 
 class ImageRuntime(JointRuntime):
-    """A joint-block family of image models ([B, C, H, W] latents, one frame): the CFG map is [B, H, W], and a model
-    call on an area cond's crop takes the crop's rows of it."""
+    """A joint-block family of image models: the CFG map is [B, H, W] ([B, C, H, W] latents) or [B, T, H, W]
+    (Qwen-Image's 5-D latent), and a model call on an area cond's crop takes the crop of it."""
 
     def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
         imap = self.run.map
-        if imap is None or imap.ndim != 3 or self.latent_size is None:
+        if imap is None or imap.ndim not in (3, 4) or self.latent_size is None:
             return None
         rows = self.map_rows(samples, self.latent_size[0], self.latent_size[1], extra)
-        return None if rows is None else rows[:, None]  # [B, 1, H, W]: one frame
+        if rows is None or rows.ndim == 3:
+            return None if rows is None else rows[:, None]  # [B, 1, H, W]: one frame
+        if rows.shape[1] != grid.frames:
+            self.note("frames", "importance map has %d latent frames but the model call has %d; using random "
+                      "merging for it", rows.shape[1], grid.frames)
+            return None
+        return rows
 
 
 def grid_wrapper(executor, x, *args, **kwargs):
@@ -100,12 +106,13 @@ def grid_wrapper(executor, x, *args, **kwargs):
     layout = runtime.read_input(executor.class_obj, x, args, kwargs) if isinstance(runtime, JointRuntime) else None
     if layout is None:
         return executor(x, *args, **kwargs)
+    outer = runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal  # a forward inside a forward
     runtime.grid, runtime.tail = layout
     runtime.latent_size = tuple(x.shape[-2:])
     try:
         return executor(x, *args, **kwargs)
     finally:
-        runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal = None, 0, None, None
+        runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal = outer
 
 
 def _cut(t: torch.Tensor, dim: int, start: int, image: int, kept: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ def supports(model) -> bool:
     return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is QwenImageTransformer2DModel
 
 
-class QwenRuntime(joint.JointRuntime):
+class QwenRuntime(joint.ImageRuntime):
     family = "Qwen-Image"
     BLOCKS = (("double_block", "transformer_blocks"),)
 

@@ -255,7 +255,8 @@ class MergeRuntime:
         return entry.merge
 
     def map_rows(self, samples: int, height: int, width: int, extra: dict) -> Optional[torch.Tensor]:
-        """The importance map rows for a chunk of ``samples`` latents of size height×width, or None."""
+        """The importance map rows ([B, H, W], or [B, T, H, W]) for a chunk of ``samples`` latents of size
+        height×width (an area cond's crop: its part of the map), or None."""
         run = self.run
         imap = run.map
         frames = window_frames(extra, imap.shape[0], samples)
@@ -276,7 +277,7 @@ class MergeRuntime:
                 offsets.add((y, x))
         if len(offsets) == 1:
             y, x = offsets.pop()
-            return imap[:, y:y + height, x:x + width]
+            return imap[..., y:y + height, x:x + width]
         self.note(f"size{height}x{width}", "no unique importance map crop for a %dx%d model call (latent %dx%d); "
                   "using random merging for it", height, width, full_h, full_w)
         return None

@@ -524,12 +524,28 @@ def flux_config(hidden: int = 64, heads: int = 2, double: int = 2, single: int =
             "guidance_embed": guidance, "txt_ids_dims": []}
 
 
-def tiny_flux_model(seed: int = 0, device=None, **config):
-    """A tiny Flux.1 model (comfy.supported_models.Flux, or FluxSchnell with ``guidance=False``; current ComfyUI
-    only) and two conditionings (10 text tokens + pooled vector). Latents are [B, 16, H, W] (EmptySD3LatentImage)."""
+def flux2_config(hidden: int = 64, heads: int = 2, double: int = 2, single: int = 2, text_dim: int = 32) -> dict:
+    """A Flux.2 config (ComfyUI's Flux class as its detection builds Flux.2: patch 1 on a 128-channel latent, global
+    modulation, 4 RoPE axes, no pooled vector; the real Flux.2 dev is hidden 6144, 48 heads)."""
+    quarter = hidden // heads // 4
+    return {"image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None,
+            "context_in_dim": text_dim, "hidden_size": hidden, "mlp_ratio": 3.0, "num_heads": heads, "depth": double,
+            "depth_single_blocks": single, "axes_dim": [quarter] * 4, "theta": 2000, "patch_size": 1,
+            "qkv_bias": False, "guidance_embed": True, "txt_ids_dims": [3], "global_modulation": True,
+            "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0}
+
+
+def tiny_flux_model(seed: int = 0, device=None, flux2: bool = False, **config):
+    """A tiny Flux.1 model (comfy.supported_models.Flux, or FluxSchnell with ``guidance=False``; ``flux2``: Flux2;
+    current ComfyUI only) and two conditionings (10 text tokens + pooled vector). Latents are [B, 16, H, W]
+    (EmptySD3LatentImage; Flux.2: [B, 128, H/16, W/16])."""
     if _need_boot() != "modern":
         raise RuntimeError("this Flux model class exists only in current ComfyUI")
     import comfy.supported_models
+    if flux2:
+        cfg = flux2_config(**config)
+        model = _build(comfy.supported_models.Flux2, cfg, seed, device)  # Flux.2 encoders give no pooled vector
+        return (model, *_cond(cfg["context_in_dim"], None, seed + 1, tokens=10, extra={"pooled_output": None}))
     cfg = flux_config(**config)
     kind = comfy.supported_models.Flux if cfg["guidance_embed"] else comfy.supported_models.FluxSchnell
     model = _build(kind, cfg, seed, device)

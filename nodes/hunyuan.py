@@ -28,6 +28,7 @@ def supports(model) -> bool:
 
 class HunyuanRuntime(joint.JointRuntime):
     family = "HunyuanVideo"
+    IMAGE_STREAM_HEAD = None  # a reference latent may be prepended to the image stream
 
     def read_input(self, net, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
         if x.ndim != 5:

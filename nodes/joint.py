@@ -38,6 +38,7 @@ class JointRuntime(VideoDiTRuntime):
     BLOCKS = (("double_block", "double_blocks"), ("single_block", "single_blocks"))
     WRAPPER = "DIFFUSION_MODEL"  # the wrapper kind that sees the latent (APPLY_MODEL: executor.class_obj is BaseModel)
     BLOCK_INFO = True  # the model puts block_type / block_index in transformer_options (SD3's MMDiT does not)
+    IMAGE_STREAM_HEAD: Optional[int] = 0  # tokens before the image part of a double block's image stream (None: varies)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -125,9 +126,18 @@ def _cut(t: torch.Tensor, dim: int, start: int, image: int, kept: int) -> torch.
 def _mask_for(mask, kept: int, runtime: JointRuntime) -> tuple:
     """(usable, the attention mask on the merged sequence). The mask covers the whole joint sequence along its last
     axis (and its second-last, when square); its image part must be all zeros (masks of padded text or reference
-    tokens), else the call runs unmerged (noted): a regional mask over image tokens cannot follow merged slots."""
+    tokens), else the call runs unmerged (noted): a regional mask over image tokens cannot follow merged slots.
+    Checked and cut once per forward and mask (the blocks of a forward share it)."""
     if mask is None:
         return True, None
+    cache = runtime.run.partitions  # reset every forward
+    key = ("mask", id(mask), kept)
+    if key not in cache or cache[key][0] is not mask:
+        cache[key] = (mask, _check_and_cut(mask, kept, runtime))
+    return cache[key][1]
+
+
+def _check_and_cut(mask, kept: int, runtime: JointRuntime) -> tuple:
     image = runtime.grid.num_tokens
     length = mask.shape[-1] if isinstance(mask, torch.Tensor) else 0
     start = runtime.image_start(length)
@@ -222,6 +232,11 @@ class BlockMerge:
         image = runtime.grid.num_tokens
         start = runtime.image_start(x.shape[1])  # double blocks: the image stream; single blocks: after the text
         end = start + image
+        head = runtime.IMAGE_STREAM_HEAD
+        if self.kind == "double_block" and head is not None and 0 <= start != head:
+            runtime.note("stream", "the image stream has %d tokens where %d image + %d reference tokens were expected "
+                         "(another node added tokens?); left unmerged", x.shape[1], image, runtime.tail)
+            return run_block(args)
         plan = runtime.plan(x.shape[1], lambda: x[:, start:end], options, "block", self.index) if start >= 0 else None
         if plan is None:
             return run_block(args)

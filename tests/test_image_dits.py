@@ -237,6 +237,22 @@ def test_flux2_patch_one_and_global_modulation(comfy, scope):
     assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
 
 
+def test_tokens_added_to_the_image_stream_leave_the_block_unmerged(comfy):
+    """A double block whose image stream is longer than image + reference tokens (another node's post_input patch
+    added some) cannot tell where the image tokens are: it runs unmerged, noted, instead of merging the wrong ones."""
+    joint, merging = H.pack_module("nodes.joint"), H.pack_module("merging")
+    runtime = H.pack_module("nodes.flux").FluxRuntime(H.pack_module("nodes.settings").MergeSettings(scope="transformer"))
+    runtime.grid = merging.TokenGrid(2, 2)
+    extra = {"block_index": 0, "block_type": "double", "sigmas": torch.tensor([1.0])}
+    seen = []
+    block = joint.BlockMerge("double_block")
+    args = {"img": torch.randn(1, 4 + 3, 8), "txt": torch.randn(1, 5, 8), "transformer_options": dict(extra,
+            importance_tome=runtime)}
+    out = block(args, {"original_block": lambda a: seen.append(a["img"].shape[1]) or {"img": a["img"], "txt": a["txt"]}})
+    assert seen == [7] and out["img"] is args["img"]
+    assert any("image stream has 7 tokens" in f for f in runtime.run.summary.fallbacks)
+
+
 def test_partition_per_block_tells_double_from_single_blocks(comfy):
     """partition_reuse = block computes one partition per block: Flux numbers its double and single blocks from 0
     each, so both kinds count (3 steps x (2 double + 2 single) = 12), not just the indices."""
@@ -327,6 +343,7 @@ def test_mask_over_text_is_cut_and_mask_over_image_refuses(comfy):
     torch.testing.assert_close(cut, expected)
     usable, cut = joint._mask_for(torch.zeros(1, 1, 9), 2, runtime)  # a key-only mask: the last axis only
     assert usable and cut.shape == (1, 1, 7)
+    mask = mask.clone()  # (a new mask: masks are checked once per forward and mask)
     mask[:, 4, 1] = -1.0  # an image query row masked
     assert joint._mask_for(mask, 2, runtime) == (False, None)
     assert any("attention mask over the image tokens" in f for f in runtime.run.summary.fallbacks)

@@ -67,7 +67,8 @@ _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input m
 _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live preview is shown on this node
 
 
-ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen)  # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
+# one per model family: supports(model) -> bool, apply(model, settings, live) -> model
+ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen)
 
 
 def _patch(model, settings: MergeSettings, node_id=None):
@@ -196,10 +197,10 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",
-                "tooltip": "Video transformers (WAN, HunyuanVideo): per_frame = tokens merge only with tokens of the same latent "
-                           "frame and every frame keeps the same share; across_frames = spatio-temporal merging, a "
-                           "token may merge into the most alike destination of any frame (static regions merge over "
-                           "time; frames keep different shares). Ignored on UNet models.",
+                "tooltip": "Video transformers (WAN, HunyuanVideo): per_frame = tokens merge only with tokens of the "
+                           "same latent frame and every frame keeps the same share; across_frames = spatio-temporal "
+                           "merging, a token may merge into the most alike destination of any frame (static regions "
+                           "merge over time; frames keep different shares). Ignored on UNet models.",
             }),
         }, "hidden": _HIDDEN}
 

@@ -59,7 +59,8 @@ class JointRuntime(VideoDiTRuntime):
     def _forward(self, extra: dict):
         if self.grid is None:
             return None  # a forward this runtime's wrapper did not see
-        if self.BLOCK_INFO and (extra.get("block_index") is None or extra.get("block_type") not in ("double", "single")):
+        if self.BLOCK_INFO and (extra.get("block_index") is None
+                                or extra.get("block_type") not in ("double", "single")):
             return None  # outside the blocks (e.g. HunyuanVideo's text token refiner)
         # a forward = one transformer_options dict (Flux / HunyuanVideo copy it per forward, ComfyUI per model call)
         run = self.begin_forward(extra, extra)

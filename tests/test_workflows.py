@@ -16,7 +16,8 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 # node types of third-party packs that some workflows use (prefix -> pack); only these may be missing on a host
 THIRD_PARTY = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
 # workflows of model families that only current ComfyUI has (WAN): skipped with the reason on the 2024 host
-CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json"}
+CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
+                "demo_dit.json"}
 
 
 def _class(name):

@@ -31,7 +31,8 @@ MERGE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, le
 WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less faithful (README "Video DiTs")
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
-CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json")
+CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
+                "demo_dit.json")
 FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
@@ -266,6 +267,37 @@ def decode_video(b, latent_source, vae, x, prefix):
     b.link(video, 0, save, "video")
 
 
+def demo_dit(schema):
+    """The bundled Fashion-MNIST image DiT (Qwen-Image architecture): the image-DiT adapters without a download."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("ITM_DemoDiTModelLoader", (40, 180))
+    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **MERGE)
+    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="ankle boot")
+    neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
+    b.link(loader, 0, merge, "model")
+    b.link(loader, 1, pos, "clip")
+    b.link(loader, 1, neg, "clip")
+    latent = b.add("EmptySD3LatentImage", (40, 460), width=256, height=256, batch_size=4)
+    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
+                    denoise=1.0)
+    for (source, slot), name in (((merge, 0), "model"), ((pos, 0), "positive"), ((neg, 0), "negative"),
+                                 ((latent, 0), "latent_image")):
+        b.link(source, slot, sampler, name)
+    decode = b.add("VAEDecode", (760, 340))
+    b.link(sampler, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    preview = b.add("ITM_MergePreview", (760, 460), step=-1, level="first", opacity=0.6)
+    b.link(merge, 0, preview, "model")
+    b.link(decode, 0, preview, "images")
+    shown = b.add("PreviewImage", (1100, 460), title="Merge map (last step)")
+    b.link(preview, 1, shown, "images")
+    save = b.add("SaveImage", (1100, 40), filename_prefix="importance_tome_demo_dit")
+    b.link(decode, 0, save, "images")
+    return b.workflow("The pack's bundled image DiT (ComfyUI's Qwen-Image class, trained by the pack on "
+                      "Fashion-MNIST): name a class in the positive prompt. 256x256 = 16x16 image tokens next to one "
+                      "text token; the image part of every block's joint attention is merged. Needs current ComfyUI.")
+
+
 def wan21_t2v(schema):
     """WAN 2.1 text to video (1.3B, 832x480, 33 frames), the merging node after the model's shift."""
     b = WorkflowBuilder(schema)
@@ -432,7 +464,7 @@ def examples(schema, animatediff_nodes=False, current=True):
     if current:
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
                       "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
-                      "flux_dev_t2i.json": flux_dev_t2i(schema)})
+                      "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

@@ -55,8 +55,9 @@ def classifier():
 @pytest.mark.parametrize("merge", [None, SIMPLE, dict(SIMPLE, scope="transformer")],
                          ids=["unmerged", "attention", "transformer"])
 def test_dit_demo_samples_decodes_and_draws_the_class_asked_for(comfy, classifier, merge):
-    """The loader's model samples and the codec decodes 256x256 images, with and without merging; the image
-    classifier recognises the class asked for in most of them."""
+    """The loader's model samples and the codec decodes 256x256 images, with and without merging. Unmerged, the image
+    classifier recognises the class asked for in most of them; merged at ratio 0.5 this small DiT loses much of
+    that (see README "Image DiTs"), but stays well above chance (0.1)."""
     correct = []
     for text, index in CLASSES.items():
         images, gray = generate(text, merge)
@@ -65,7 +66,23 @@ def test_dit_demo_samples_decodes_and_draws_the_class_asked_for(comfy, classifie
         with torch.no_grad():
             correct.append(classifier(gray).argmax(1) == index)
     accuracy = float(torch.cat(correct).float().mean())
-    assert accuracy >= ACCURACY, accuracy
+    assert accuracy >= (0.6 if merge is None else 0.25), accuracy
 
 
-ACCURACY = 0.6
+def test_dit_demo_is_the_qwen_image_class_and_its_codec_round_trips(comfy):
+    """The loader builds ComfyUI's Qwen-Image model (so the Qwen-Image adapter merges it) and its codec stores the
+    image in every channel of one latent frame in WAN's layout."""
+    demo = H.pack_module("nodes.demo_model")
+    model, clip, vae, metadata = demo.load_demo_dit_model()
+    assert type(model.model.diffusion_model).__name__ == "QwenImageTransformer2DModel"
+    assert H.pack_module("nodes.qwen").supports(model)
+    assert metadata["format"] == "importance-token-merging DiT demo model v1"
+    pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    latent = vae.encode(pixels)
+    assert latent.shape == (1, 16, 1, 8, 8)
+    mean, std = demo.DemoVideoCodec._stats(torch.device("cpu"))
+    model_space = (latent - mean) / std  # what the model sees (ComfyUI's Wan21 latent format)
+    coarse = torch.nn.functional.avg_pool2d(pixels.mean(-1)[:, None], 8) * 2 - 1  # [1, 1, 8, 8]
+    torch.testing.assert_close(model_space, coarse[:, :, None].expand(-1, 16, -1, -1, -1), atol=1e-5, rtol=1e-5)
+    decoded = vae.decode(latent)
+    assert decoded.shape[-3:] == (64, 64, 3) and decoded.numel() == 64 * 64 * 3

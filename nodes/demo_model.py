@@ -276,7 +276,32 @@ def load_demo_dit_model(path: str = DIT_WEIGHTS):
     return build_qwen_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata  # Qwen-Image's VAE is WAN's
 
 
-class DemoModelLoader:
+class _DemoLoader:
+    """A loader node for one of the bundled demo models: ``_load()`` gives (MODEL, CLIP, VAE, metadata)."""
+
+    CATEGORY = "model_patches/token_merging/demo"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    FUNCTION = "load"
+    WHAT = "demo model"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    @staticmethod
+    def _load():
+        raise NotImplementedError
+
+    def load(self):
+        model, clip, vae, metadata = self._load()
+        training = json.loads(metadata.get("training", "{}"))
+        log.info("Importance Token Merging: %s loaded (%s steps of training, %s)", self.WHAT,
+                 training.get("steps", "?"), metadata.get("format", "unknown format"))
+        return model, clip, vae
+
+
+class DemoModelLoader(_DemoLoader):
     """Loads the bundled Fashion-MNIST demo model, so the pack can be tried without downloading a checkpoint."""
 
     DESCRIPTION = (
@@ -284,29 +309,16 @@ class DemoModelLoader:
         "pack on ComfyUI's own UNet, ~1.5M parameters). Prompts name a class: T-shirt/top, trouser, pullover, dress, "
         "coat, sandal, shirt, sneaker, bag, ankle boot; leave the negative prompt empty. Use a 256x256 latent "
         "(one 28x28 garment, padded to 32x32, per latent), cfg about 3-5. For trying the merging nodes, not for art.")
-    CATEGORY = "model_patches/token_merging/demo"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The demo diffusion model (SD1.5 model class, small UNet with attention at 32x32 and 16x16 tokens).",
         "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
         "Decoder/encoder between the 4-channel 32x32 latent and a 256x256 grayscale image.",
     )
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        model, clip, vae, metadata = load_demo_model()
-        training = json.loads(metadata.get("training", "{}"))
-        log.info("Importance Token Merging: demo model loaded (%s steps of training, %s)",
-                 training.get("steps", "?"), metadata.get("format", "unknown format"))
-        return model, clip, vae
+    WHAT = "demo model"
+    _load = staticmethod(load_demo_model)
 
 
-class DemoVideoModelLoader:
+class DemoVideoModelLoader(_DemoLoader):
     """Loads the bundled moving-Fashion-MNIST video model (WAN 2.1 architecture), so the pack's WAN support can be
     tried without downloading a checkpoint."""
 
@@ -316,30 +328,17 @@ class DemoVideoModelLoader:
         "over a dark background). Prompts name a class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, "
         "sneaker, bag, ankle boot); leave the negative prompt empty. Use EmptyHunyuanLatentVideo at 256x256 with 13 "
         "frames (4 latent frames of 16x16 tokens), cfg about 3-5. Needs a ComfyUI with WAN models.")
-    CATEGORY = "model_patches/token_merging/demo"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The video demo model (WAN 2.1 text-to-video class, flow matching, a small WanModel).",
         "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
         "Decoder/encoder between the 16-channel WAN-layout latent and 256x256 grayscale frames (1 + 4 per latent "
         "frame after the first).",
     )
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        model, clip, vae, metadata = load_demo_video_model()
-        training = json.loads(metadata.get("training", "{}"))
-        log.info("Importance Token Merging: video demo model loaded (%s steps of training, %s)",
-                 training.get("steps", "?"), metadata.get("format", "unknown format"))
-        return model, clip, vae
+    WHAT = "video demo model"
+    _load = staticmethod(load_demo_video_model)
 
 
-class DemoDiTModelLoader:
+class DemoDiTModelLoader(_DemoLoader):
     """Loads the bundled Fashion-MNIST image DiT (Qwen-Image architecture), so the pack's DiT support can be tried
     without downloading a checkpoint."""
 
@@ -349,23 +348,10 @@ class DemoDiTModelLoader:
         "class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot); leave the "
         "negative prompt empty. Use EmptySD3LatentImage at 256x256 (16x16 image tokens), cfg about 3-5. Needs a "
         "ComfyUI with Qwen-Image models.")
-    CATEGORY = "model_patches/token_merging/demo"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    RETURN_NAMES = ("model", "clip", "vae")
     OUTPUT_TOOLTIPS = (
         "The DiT demo model (Qwen-Image class, flow matching, a small transformer with joint text-image attention).",
         "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding.",
         "Decoder/encoder between the 16-channel WAN-layout latent (Qwen-Image's) and a 256x256 grayscale image.",
     )
-    FUNCTION = "load"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        model, clip, vae, metadata = load_demo_dit_model()
-        training = json.loads(metadata.get("training", "{}"))
-        log.info("Importance Token Merging: DiT demo model loaded (%s steps of training, %s)",
-                 training.get("steps", "?"), metadata.get("format", "unknown format"))
-        return model, clip, vae
+    WHAT = "DiT demo model"
+    _load = staticmethod(load_demo_dit_model)

@@ -19,13 +19,7 @@ from .settings import MergeSettings
 
 def supports(model) -> bool:
     """True for ComfyUI's Flux class itself (subclasses such as the Flux ControlNet are other models)."""
-    if not joint.has_joint_hooks():
-        return False
-    try:
-        from comfy.ldm.flux.model import Flux  # noqa: PLC0415 (host module)
-    except ImportError:
-        return False
-    return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is Flux
+    return joint.supports_class(model, "comfy.ldm.flux.model", "Flux")
 
 
 def _tokens(height: int, width: int, patch: int) -> Tuple[int, int]:

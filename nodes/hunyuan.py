@@ -16,14 +16,9 @@ from .settings import MergeSettings
 
 def supports(model) -> bool:
     """True for ComfyUI's HunyuanVideo with a 3-D patch (video); HunyuanImage's 2-D variant is not supported yet."""
-    if not joint.has_joint_hooks():
-        return False
-    try:
-        from comfy.ldm.hunyuan_video.model import HunyuanVideo  # noqa: PLC0415 (host module)
-    except ImportError:
-        return False
     net = getattr(getattr(model, "model", None), "diffusion_model", None)
-    return type(net) is HunyuanVideo and len(getattr(net, "patch_size", ())) == 3
+    return joint.supports_class(model, "comfy.ldm.hunyuan_video.model", "HunyuanVideo") and \
+        len(getattr(net, "patch_size", ())) == 3
 
 
 class HunyuanRuntime(joint.JointRuntime):

@@ -331,6 +331,20 @@ def apply(model, settings: MergeSettings, runtime_type: type, live=None):
     return patched
 
 
+def supports_class(model, module: str, name: str) -> bool:
+    """True when ``model``'s diffusion model is exactly the host class ``module.name`` (subclasses are other models)
+    and the host has the hooks the joint-block adapters use."""
+    if not has_joint_hooks():
+        return False
+    try:
+        import importlib  # noqa: PLC0415
+
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is cls
+
+
 def has_joint_hooks() -> bool:
     """The host has the attention override (ComfyUI >= 0.3.60) and DIFFUSION_MODEL wrappers."""
     try:

@@ -19,13 +19,7 @@ from .settings import MergeSettings
 
 def supports(model) -> bool:
     """True for ComfyUI's Qwen-Image transformer itself."""
-    if not joint.has_joint_hooks():
-        return False
-    try:
-        from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel  # noqa: PLC0415 (host module)
-    except ImportError:
-        return False
-    return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is QwenImageTransformer2DModel
+    return joint.supports_class(model, "comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel")
 
 
 class QwenRuntime(joint.ImageRuntime):

@@ -18,17 +18,13 @@ from .settings import MergeSettings
 
 
 def supports(model) -> bool:
-    """True for ComfyUI's SD3 model (the MMDiT class it builds; other MMDiT users such as ControlNets are not)."""
-    if not joint.has_joint_hooks():
-        return False
-    try:
-        import comfy.patcher_extension  # noqa: PLC0415 (host modules)
-        from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper  # noqa: PLC0415
-    except ImportError:
-        return False
-    if not hasattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL"):
-        return False
-    return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is OpenAISignatureMMDITWrapper
+    """True for ComfyUI's SD3 model (the MMDiT class it builds; other MMDiT users such as ControlNets are not) on a
+    host with APPLY_MODEL wrappers."""
+    if not joint.supports_class(model, "comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"):
+        return False  # (checks the host's hooks first: the 2024 host has no comfy.patcher_extension)
+    import comfy.patcher_extension  # noqa: PLC0415 (host module)
+
+    return hasattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL")
 
 
 class MMDiTRuntime(joint.ImageRuntime):

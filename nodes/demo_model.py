@@ -204,58 +204,48 @@ def read_weights(path: str = WEIGHTS):
     return net, tensors["class_embedding.weight"].float(), metadata
 
 
-def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
-    """A ComfyUI ModelPatcher for the demo architecture; weights from ``unet_state`` (strict) when given."""
+def _patcher(config, state: Optional[dict], load_device):
+    """A ComfyUI ModelPatcher of ``config``'s model in fp32 on the CPU; weights from ``state`` (strict) when given."""
     import comfy.model_management  # noqa: PLC0415 (host modules)
     import comfy.model_patcher  # noqa: PLC0415
-    import comfy.supported_models  # noqa: PLC0415
+
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    if state is not None:
+        model.diffusion_model.load_state_dict(state, strict=True)
+    model.eval()
+    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+
+
+def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the demo architecture; weights from ``unet_state`` (strict) when given."""
+    import comfy.supported_models  # noqa: PLC0415 (host module)
 
     config = comfy.supported_models.SD15(dict(DEMO_UNET, dtype=torch.float32))
     for key in ("num_heads", "num_head_channels"):  # SD15's unet_extra_config is merged in; the demo's layout wins
         config.unet_config[key] = DEMO_UNET[key]
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
-    if unet_state is not None:
-        model.diffusion_model.load_state_dict(unet_state, strict=True)
-    model.eval()
-    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    return _patcher(config, unet_state, load_device)
 
 
 def build_wan_patcher(state: Optional[dict] = None, load_device=None):
     """A ComfyUI ModelPatcher for the video demo architecture (WAN 2.1 t2v class, :data:`DEMO_WAN`)."""
-    import comfy.model_management  # noqa: PLC0415 (host modules)
-    import comfy.model_patcher  # noqa: PLC0415
-    import comfy.supported_models  # noqa: PLC0415
+    import comfy.supported_models  # noqa: PLC0415 (host module)
 
     if not hasattr(comfy.supported_models, "WAN21_T2V"):
         raise RuntimeError("the video demo model needs a ComfyUI with WAN models (0.3.30 or later)")
     config = comfy.supported_models.WAN21_T2V(dict(DEMO_WAN))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
-    if state is not None:
-        model.diffusion_model.load_state_dict(state, strict=True)
-    model.eval()
-    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    return _patcher(config, state, load_device)
 
 
 def build_qwen_patcher(state: Optional[dict] = None, load_device=None):
     """A ComfyUI ModelPatcher for the image DiT demo architecture (Qwen-Image class, :data:`DEMO_QWEN`)."""
-    import comfy.model_management  # noqa: PLC0415 (host modules)
-    import comfy.model_patcher  # noqa: PLC0415
-    import comfy.supported_models  # noqa: PLC0415
+    import comfy.supported_models  # noqa: PLC0415 (host module)
 
     if not hasattr(comfy.supported_models, "QwenImage"):
         raise RuntimeError("the DiT demo model needs a ComfyUI with Qwen-Image models (0.3.49 or later)")
     config = comfy.supported_models.QwenImage(dict(DEMO_QWEN))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
-    if state is not None:
-        model.diffusion_model.load_state_dict(state, strict=True)
-    model.eval()
-    load = load_device if load_device is not None else comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
+    return _patcher(config, state, load_device)
 
 
 def load_demo_model(path: str = WEIGHTS):

@@ -20,6 +20,19 @@ SITE = 0  # one merge site per video DiT (the preview's "level")
 OVERRIDE = "optimized_attention_override"
 
 
+class ChainedOverride:
+    """Base of the DiT adapters' ``optimized_attention_override``: ComfyUI has one slot, so an override set before
+    this node (e.g. a faster kernel) is kept and called, with the merged tokens, by :meth:`_call`."""
+
+    def __init__(self, previous=None) -> None:
+        self.previous = previous  # an override set before this node: called with the merged tokens
+
+    def _call(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def remove_patches(patcher, block_type: type, override_type: type) -> None:
     """Take a DiT adapter's patches off a (cloned) model: its block replacements (``block_type``, keeping another
     node's replacement it wrapped) and its attention override (``override_type``, restoring the one it chained),

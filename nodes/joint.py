@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..merging import TokenGrid
-from .dit import OVERRIDE, VideoDiTRuntime, remove_patches
+from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
 from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
@@ -151,16 +151,8 @@ def _check_and_cut(mask, kept: int, runtime: JointRuntime) -> tuple:
     return True, (_cut(mask, -2, start, image, kept) if square else mask)
 
 
-class JointAttentionOverride:
+class JointAttentionOverride(ChainedOverride):
     """``optimized_attention_override``: merge the image part of a joint attention, restore it after."""
-
-    def __init__(self, previous=None) -> None:
-        self.previous = previous  # an override set before this node: called with the merged tokens
-
-    def _call(self, func, args, kwargs):
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
         extra = kwargs.get("transformer_options")

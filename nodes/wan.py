@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..merging import TokenGrid
-from .dit import OVERRIDE, VideoDiTRuntime, remove_patches
+from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
 from .runtime import LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
@@ -88,16 +88,8 @@ class WanRuntime(VideoDiTRuntime):
         return self.grid_merge(kind, metric, extra, self._grid(extra), extra["block_index"])
 
 
-class SelfAttentionOverride:
+class SelfAttentionOverride(ChainedOverride):
     """``optimized_attention_override``: merge q / k / v of WAN self-attention, restore the output's length."""
-
-    def __init__(self, previous=None) -> None:
-        self.previous = previous  # an override set before this node: called with the merged tokens
-
-    def _call(self, func, args, kwargs):
-        if self.previous is not None:
-            return self.previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
 
     def __call__(self, func, *args, **kwargs):
         extra = kwargs.get("transformer_options")

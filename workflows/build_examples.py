@@ -202,21 +202,22 @@ def video(schema, kind):
     return b.workflow(notes[kind])
 
 
-def demo_video(schema):
-    """The bundled moving-Fashion-MNIST video model (WAN 2.1 architecture): the WAN adapter without a download."""
+def demo_transformer(schema, loader_type, prompt, latent, scheduler, shown_title):
+    """A bundled demo transformer (video or image DiT): loader → merging node → KSampler → decode, with the Token
+    Merging Preview's merge map; ``latent`` = (node type, inputs). Returns (builder, decoded images node)."""
     b = WorkflowBuilder(schema)
-    loader = b.add("ITM_DemoVideoModelLoader", (40, 180))
-    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **WAN_MERGE)
-    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="trouser")
+    loader = b.add(loader_type, (40, 180))
+    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **MERGE)
+    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text=prompt)
     neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
     b.link(loader, 0, merge, "model")
     b.link(loader, 1, pos, "clip")
     b.link(loader, 1, neg, "clip")
-    latent = b.add("EmptyHunyuanLatentVideo", (40, 460), width=256, height=256, length=13, batch_size=2)
-    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="simple",
+    empty = b.add(latent[0], (40, 460), **latent[1])
+    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler=scheduler,
                     denoise=1.0)
     for (source, slot), name in (((merge, 0), "model"), ((pos, 0), "positive"), ((neg, 0), "negative"),
-                                 ((latent, 0), "latent_image")):
+                                 ((empty, 0), "latent_image")):
         b.link(source, slot, sampler, name)
     decode = b.add("VAEDecode", (760, 340))
     b.link(sampler, 0, decode, "samples")
@@ -224,8 +225,16 @@ def demo_video(schema):
     preview = b.add("ITM_MergePreview", (760, 460), step=-1, level="first", opacity=0.6)
     b.link(merge, 0, preview, "model")
     b.link(decode, 0, preview, "images")
-    shown = b.add("PreviewImage", (1100, 460), title="Merge map per frame (last step)")
+    shown = b.add("PreviewImage", (1100, 460), title=shown_title)
     b.link(preview, 1, shown, "images")
+    return b, decode
+
+
+def demo_video(schema):
+    """The bundled moving-Fashion-MNIST video model (WAN 2.1 architecture): the WAN adapter without a download."""
+    b, decode = demo_transformer(schema, "ITM_DemoVideoModelLoader", "trouser", (
+        "EmptyHunyuanLatentVideo", dict(width=256, height=256, length=13, batch_size=2)), "simple",
+        "Merge map per frame (last step)")
     save = b.add("SaveAnimatedWEBP", (1100, 40), filename_prefix="importance_tome_demo_video", fps=8.0,
                  lossless=False, quality=90, method="default")
     b.link(decode, 0, save, "images")
@@ -269,28 +278,8 @@ def decode_video(b, latent_source, vae, x, prefix):
 
 def demo_dit(schema):
     """The bundled Fashion-MNIST image DiT (Qwen-Image architecture): the image-DiT adapters without a download."""
-    b = WorkflowBuilder(schema)
-    loader = b.add("ITM_DemoDiTModelLoader", (40, 180))
-    merge = b.add("ITM_ImportanceTokenMerging", (380, 40), **MERGE)
-    pos = b.add("CLIPTextEncode", (380, 470), title="Positive (a Fashion-MNIST class)", text="ankle boot")
-    neg = b.add("CLIPTextEncode", (380, 700), title="Negative (empty = unconditional)", text="")
-    b.link(loader, 0, merge, "model")
-    b.link(loader, 1, pos, "clip")
-    b.link(loader, 1, neg, "clip")
-    latent = b.add("EmptySD3LatentImage", (40, 460), width=256, height=256, batch_size=4)
-    sampler = b.add("KSampler", (760, 40), seed=0, steps=20, cfg=4.0, sampler_name="euler", scheduler="normal",
-                    denoise=1.0)
-    for (source, slot), name in (((merge, 0), "model"), ((pos, 0), "positive"), ((neg, 0), "negative"),
-                                 ((latent, 0), "latent_image")):
-        b.link(source, slot, sampler, name)
-    decode = b.add("VAEDecode", (760, 340))
-    b.link(sampler, 0, decode, "samples")
-    b.link(loader, 2, decode, "vae")
-    preview = b.add("ITM_MergePreview", (760, 460), step=-1, level="first", opacity=0.6)
-    b.link(merge, 0, preview, "model")
-    b.link(decode, 0, preview, "images")
-    shown = b.add("PreviewImage", (1100, 460), title="Merge map (last step)")
-    b.link(preview, 1, shown, "images")
+    b, decode = demo_transformer(schema, "ITM_DemoDiTModelLoader", "ankle boot", (
+        "EmptySD3LatentImage", dict(width=256, height=256, batch_size=4)), "normal", "Merge map (last step)")
     save = b.add("SaveImage", (1100, 40), filename_prefix="importance_tome_demo_dit")
     b.link(decode, 0, save, "images")
     return b.workflow("The pack's bundled image DiT (ComfyUI's Qwen-Image class, trained by the pack on "

@@ -5,6 +5,7 @@
 - :mod:`merging.partition`: importance-based and random-grid partitions, merge and unmerge.
 - :mod:`merging.temporal`: neighbouring video frames sharing the queries of tokens that barely change.
 - :mod:`merging.frames`: per-frame merging of video tokens laid out ``(t h w)`` (video DiTs).
+- :mod:`merging.proportional`: proportional attention (merged keys weighted by the tokens they stand for).
 - :mod:`merging.preview`: pictures of the importance map and of a partition's kept / destination / merged tokens.
 """
 from .frames import FramePartition, frame_partition
@@ -26,10 +27,14 @@ from .partition import (
     tile_token_order,
     tiled_partition,
 )
+from .proportional import attention_with_key_bias, log_slot_sizes, padded_head_size
 from .preview import ROLE_COLOURS, importance_picture, merge_picture, overlay, quantise_map
 from .temporal import TemporalShare, frame_partners, pair_groups, temporal_share
 
 __all__ = [
+    "attention_with_key_bias",
+    "log_slot_sizes",
+    "padded_head_size",
     "DST_MODES",
     "FramePartition",
     "MERGE_MODES",

@@ -57,6 +57,14 @@ class FramePartition:
         return (kept.reshape(rows // self.frames, self.frames, per_frame) + offsets[None, :, None]).reshape(
             rows // self.frames, -1)
 
+    @property
+    def slot_counts(self) -> Optional[torch.Tensor]:
+        """[B, frames * (N - r), 1] float32: how many tokens each slot of a merged sequence stands for."""
+        counts = self.frame_part.slot_counts
+        if counts is None:
+            return None
+        return counts.reshape(counts.shape[0] // self.frames, -1, 1)
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Per-token data that travels with the tokens (RoPE frequencies, per-token modulation): [B or 1, frames * N,
         ...] → [B, frames * (N - r), ...], each slot taking its kept token's entry."""

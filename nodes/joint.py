@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..merging import TokenGrid
+from ..merging import TokenGrid, attention_with_key_bias, log_slot_sizes
 from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
 from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
@@ -196,8 +196,23 @@ class JointAttentionOverride(ChainedOverride):
         runtime.run.summary.merged_calls += 1
         call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
         rest = (args[3], mask) + tuple(args[5:]) if positional else tuple(args[3:])
-        out = self._call(func, tuple(merge(t) for t in (q, k, v)) + rest, call_kwargs)  # [B, L', H*D]
+        merged = tuple(merge(t) for t in (q, k, v))
+        if runtime.settings.proportional_attention and plan.mode == "mean" and not part.is_identity:
+            bias = _key_bias(part, start, length - image + kept)
+            heads = args[3] if len(args) > 3 else kwargs["heads"]  # SD3 passes heads by keyword
+            out = attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, call_kwargs), *merged, heads,
+                                          bias, align=8 if q.is_cuda else 1, heads_first=split)
+        else:
+            out = self._call(func, merged + rest, call_kwargs)  # [B, L', H*D]
         return torch.cat([out[:, :start], part.unmerge(out[:, start:start + kept]), out[:, start + kept:]], dim=1)
+
+
+def _key_bias(part, start: int, length: int) -> torch.Tensor:
+    """[B, length] logit bias of a merged joint sequence whose image slots start at ``start``: log of each slot's
+    token count there, 0 for text and reference tokens (proportional attention)."""
+    sizes = log_slot_sizes(part.slot_counts)
+    return torch.cat([sizes.new_zeros(sizes.shape[0], start), sizes,
+                      sizes.new_zeros(sizes.shape[0], length - start - sizes.shape[1])], dim=1)
 
 
 class BlockMerge:

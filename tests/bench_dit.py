@@ -140,6 +140,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", type=float, default=5.0,
                         help="cfg scale (1: one row per evaluation, as Flux dev / distilled video models run)")
     parser.add_argument("--attention", choices=("default", "sdpa"), default="default")
+    parser.add_argument("--variants", default="",
+                        help="node settings compared in the same interleaved runs, 'label:key=value;key=value' "
+                             "separated by commas (the Advanced node's inputs), e.g. "
+                             "'prop:proportional_attention=true,plain:proportional_attention=false'; "
+                             "default: the simple node's defaults")
     parser.add_argument("--scopes", default="attention",
                         help="merge sites: attention (self-attention kernel), transformer (whole blocks)")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench"))
@@ -166,6 +171,17 @@ def main(argv=None) -> int:
                          for group in ("required", "optional") for name, options in spec.get(group, {}).items()
                          if name != "model"}
     ratios = [float(r) for r in args.ratios.split(",")]
+    variants = [("", {})]
+    if args.variants:
+        variants = []
+        for item in args.variants.split(","):
+            label, _, settings = item.partition(":")
+            overrides = {}
+            for pair in filter(None, settings.split(";")):
+                key, value = pair.split("=", 1)
+                kind = type(advanced_defaults[key])
+                overrides[key] = value.lower() == "true" if kind is bool else kind(value)
+            variants.append((label, overrides))
     rows = []
     for spec in args.models.split(","):
         arch, size = spec.split("@")
@@ -181,14 +197,17 @@ def main(argv=None) -> int:
         for ratio in ratios:
             for scope in args.scopes.split(","):
                 for importance in ("random", "cfg"):
-                    settings = dict(ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
-                                    levels="auto", scope=scope)
-                    if args.cfg == 1.0 and importance == "cfg":  # no uncond pass: the CFG-free source
-                        (patched,) = advanced.patch(model, **dict(advanced_defaults, **settings, cfg1_mode="change"))
-                    else:
-                        (patched,) = node.patch(model, **settings)
-                    suffix = "-transformer" if scope == "transformer" else ""
-                    methods.append((f"itm-{importance}{suffix}", ratio, patched))
+                    for label, overrides in variants:
+                        settings = dict(ratio=ratio, importance=importance, start_percent=0.0, end_percent=1.0,
+                                        levels="auto", scope=scope)
+                        if args.cfg == 1.0 and importance == "cfg":  # no uncond pass: the CFG-free source
+                            overrides = dict(overrides, cfg1_mode="change")
+                        if overrides:
+                            (patched,) = advanced.patch(model, **dict(advanced_defaults, **settings, **overrides))
+                        else:
+                            (patched,) = node.patch(model, **settings)
+                        suffix = ("-transformer" if scope == "transformer" else "") + (f"[{label}]" if label else "")
+                        methods.append((f"itm-{importance}{suffix}", ratio, patched))
         label = f"{arch}@{size} ({args.layers} blocks, {tokens} tokens)"
         print(f"[{label}] warm-up", flush=True)  # noqa: T201
         bench_speed.sample_steps(model, positive, negative, latent, steps=2, cfg=args.cfg)
@@ -210,7 +229,7 @@ def main(argv=None) -> int:
                 text = TEXT_TOKENS[arch]
                 kernel_saving = 1 - ((text + (1 - ratio) * tokens) / (text + tokens)) ** 2
                 ideal = share * kernel_saving
-                if name.endswith("-transformer"):  # upper bound: everything but the kernel counted as block work
+                if "-transformer" in name:  # upper bound: everything but the kernel counted as block work
                     ideal += (1 - share) * ratio * tokens / (text + tokens)
             rows.append({
                 "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,

@@ -365,3 +365,37 @@ def test_preview_node_draws_the_image_dit_maps(comfy, family):
     for index in range(2):
         assert float(blue[index].float().mean()) == pytest.approx(0.5)
     assert not torch.equal(importance[0], importance[1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_proportional_attention_weighs_each_slot_by_its_tokens(comfy, family):
+    """proportional_attention: the attention kernel gets one more channel per head that adds log(slot size) to the
+    logits of each merged image key (0 for text keys; the queries' channel is 1), so the image part of every joint
+    attention still weighs all 24 image tokens; the image changes, and stays close to the unmerged one."""
+    H.run_prompt(dit_graph(merge=None, family=family)[0].prompt)
+    reference = latent("out").clone()
+    head = {c["head"] for c in calls()}
+    assert len(head) == 1
+    head = head.pop()
+    advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
+    images = {}
+    for proportional in (False, True):
+        g, _ = dit_graph(merge=None, family=family)
+        g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=["rec", 0],
+                                                     proportional_attention=proportional, **advanced)[0]
+        H.run_prompt(g.prompt)
+        images[proportional] = latent("out").clone()
+        seen = calls()
+        assert {c["length"] for c in seen} == lengths(family, IMAGE // 2)
+        assert {c["head"] for c in seen} == {head + 1 if proportional else head}
+    scale = (head + 1) ** 0.5
+    for c in seen:  # the proportional run
+        text = c["length"] - IMAGE // 2  # SD3.5's image-only attn2 has no text part
+        assert torch.equal(c["q_last"], torch.ones_like(c["q_last"]))
+        assert torch.equal(c["k_last"][:, :text], torch.zeros(c["rows"], text))
+        sizes = (c["k_last"][:, text:] / scale).exp()
+        assert sizes.min() > 0.999
+        torch.testing.assert_close(sizes.sum(1), torch.full((c["rows"],), float(IMAGE)))
+    assert relative(images[True], images[False]) > 1e-5
+    assert relative(images[True], reference) < 0.6

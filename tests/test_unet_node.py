@@ -54,6 +54,17 @@ def token_counts(node_id="probe"):
     return {(r["tokens"], r["kv_tokens"]) for r in records(node_id)}
 
 
+def test_proportional_attention_is_ignored_on_unets(comfy):
+    """proportional_attention is for joint text-image attention (DiTs); on a UNet it measured worse, so the UNet
+    adapter leaves self-attention plain: the same image with it on or off, and the same merged lengths."""
+    images = {}
+    for proportional in (True, False):
+        H.run_prompt(sample_graph(merge=dict(ADVANCED, proportional_attention=proportional), advanced=True).prompt)
+        images[proportional] = latent("out").clone()
+        assert (128, 128) in token_counts()
+    assert torch.equal(images[True], images[False])
+
+
 @pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
 def test_merged_run_differs_from_unmerged_and_stays_close(comfy, arch, full, kept):
     """SD1.5 merges level 0 (16x16 latent: 256 tokens); SDXL has no attention there and merges level 1 (8x8)."""

@@ -17,7 +17,7 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
 THIRD_PARTY = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
 # workflows of model families that only current ComfyUI has (WAN): skipped with the reason on the 2024 host
 CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
-                "demo_dit.json"}
+                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json"}
 
 
 def _class(name):
@@ -100,6 +100,7 @@ def test_workflow_validates_in_comfyui(comfy, path, tmp_path):
                    "ADE_LoadAnimateDiffModel": ("animatediff_models", "model_name"),
                    "UNETLoader": ("diffusion_models", "unet_name"), "CLIPLoader": ("text_encoders", "clip_name"),
                    "DualCLIPLoader": ("text_encoders", "clip_name1", "clip_name2"),
+                   "TripleCLIPLoader": ("text_encoders", "clip_name1", "clip_name2", "clip_name3"),
                    "VAELoader": ("vae", "vae_name")}  # (folder, input): stubbed
     for node in prompt.values():
         if node["class_type"] in model_files:

@@ -32,7 +32,7 @@ WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less 
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
 CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
-                "demo_dit.json")
+                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json")
 FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
@@ -400,6 +400,50 @@ def flux_dev_t2i(schema):
                       "advanced node; see README). Models: flux1-dev, clip_l, t5xxl_fp16, ae.")
 
 
+def sd35_t2i(schema):
+    """SD3.5 large text to image (1024x1024) with its three text encoders, cfg 4.5: the CFG importance map."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("CheckpointLoaderSimple", (40, 40), ckpt_name="sd3.5_large.safetensors")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **FLUX_MERGE)
+    b.link(loader, 0, merge, "model")
+    clip = b.add("TripleCLIPLoader", (40, 300), clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
+                 clip_name3="t5xxl_fp16.safetensors")
+    pos = b.add("CLIPTextEncode", (420, 300), title="Positive", text=POSITIVE)
+    neg = b.add("CLIPTextEncode", (420, 520), title="Negative", text=NEGATIVE)
+    b.link(clip, 0, pos, "clip")
+    b.link(clip, 0, neg, "clip")
+    latent = b.add("EmptySD3LatentImage", (420, 740), width=1024, height=1024, batch_size=1)
+    sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (loader, 2), "importance_tome_sd35",
+                       steps=28, cfg=4.5, sampler_name="euler", scheduler="sgm_uniform")
+    return b.workflow("SD3.5 large text to image (1024x1024 = 64x64 image tokens + 154 text tokens): whole MMDiT "
+                      "blocks run on half of the image tokens, chosen by the CFG importance map of the previous step; "
+                      "text tokens are never merged. Models: sd3.5_large, clip_l, clip_g, t5xxl_fp16.")
+
+
+def qwen_image_t2i(schema):
+    """Qwen-Image text to image (1328x1328), cfg 2.5: the CFG importance map."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("UNETLoader", (40, 40), unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
+    shift = b.add("ModelSamplingAuraFlow", (420, 40), shift=3.1)
+    b.link(loader, 0, shift, "model")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 180), **FLUX_MERGE)
+    b.link(shift, 0, merge, "model")
+    clip = b.add("CLIPLoader", (40, 300), clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image",
+                 device="default")
+    vae = b.add("VAELoader", (40, 520), vae_name="qwen_image_vae.safetensors")
+    pos = b.add("CLIPTextEncode", (420, 400), title="Positive", text=POSITIVE)
+    neg = b.add("CLIPTextEncode", (420, 620), title="Negative", text="")
+    b.link(clip, 0, pos, "clip")
+    b.link(clip, 0, neg, "clip")
+    latent = b.add("EmptySD3LatentImage", (420, 840), width=1328, height=1328, batch_size=1)
+    sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (vae, 0), "importance_tome_qwen_image",
+                       steps=20, cfg=2.5, sampler_name="euler", scheduler="simple")
+    return b.workflow("Qwen-Image text to image (1328x1328 = 83x83 image tokens): whole blocks run on half of the "
+                      "image tokens, chosen by the CFG importance map of the previous step; text tokens are never "
+                      "merged. For Qwen-Image-Lightning (cfg 1) see cfg1_mode in the README. Models: "
+                      "qwen_image_fp8_e4m3fn, qwen_2.5_vl_7b_fp8_scaled, qwen_image_vae.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -453,7 +497,8 @@ def examples(schema, animatediff_nodes=False, current=True):
     if current:
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
                       "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
-                      "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema)})
+                      "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema),
+                      "sd35_t2i.json": sd35_t2i(schema), "qwen_image_t2i.json": qwen_image_t2i(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

@@ -338,7 +338,8 @@ class HostTestTinyQwenModel:
 
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
-    (q / k / v token counts, rows, block_index) and runs it unchanged. Put it before a node that chains overrides to
+    (q / k / v token counts, rows, block_index, channels per head and head 0's last q / k channel) and runs it
+    unchanged. Put it before a node that chains overrides to
     see what the attention kernel finally receives. RECORDS[unique_id] is the list of calls."""
 
     RECORDS = {}
@@ -351,9 +352,17 @@ class HostTestAttentionRecorder(_ModelProbe):
             extra = kwargs.get("transformer_options") or {}
             q, k, v = args[:3]
             axis = 2 if kwargs.get("skip_reshape") else 1  # [B, heads, L, D] or [B, L, heads * D]
+            heads = args[3] if len(args) > 3 else kwargs.get("heads", 1)
+
+            def last_channel(t):  # head 0's last channel per token: [rows, L] (a key bias channel shows up here)
+                t = t if axis == 2 else t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+                return t[:, 0, :, -1].detach().float().cpu()
+
             records.append({"q": int(q.shape[1]), "k": int(k.shape[1]), "v": int(v.shape[1]), "rows": int(q.shape[0]),
                             "length": int(q.shape[axis]), "block_index": extra.get("block_index"),
-                            "block_type": extra.get("block_type"), "grid_sizes": extra.get("grid_sizes")})
+                            "block_type": extra.get("block_type"), "grid_sizes": extra.get("grid_sizes"),
+                            "head": int(q.shape[-1] if axis == 2 else q.shape[-1] // heads),
+                            "q_last": last_channel(q), "k_last": last_channel(k)})
             out = func(*args, **kwargs)
             records[-1]["out"] = int(out.shape[1])
             return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import flux, hunyuan, qwen, sd3, unet, wan
+from . import flux, hunyuan, lumina, qwen, sd3, unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
     CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
@@ -20,8 +20,9 @@ log = logging.getLogger("comfyui_importance_tome")
 CATEGORY = "model_patches/token_merging"
 
 _MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; on "
-                                  "current ComfyUI also WAN 2.x and HunyuanVideo (per latent frame), Flux, SD3 / SD3.5 "
-                                  "and Qwen-Image (image tokens only; text and reference tokens never merge). Other "
+                                  "current ComfyUI also WAN 2.x and HunyuanVideo (per latent frame), Flux, SD3 / SD3.5, "
+                                  "Qwen-Image and Z-Image / Lumina 2 (image tokens only; text and reference tokens "
+                                  "never merge). Other "
                                   "models pass through unchanged with a warning."})
 _COMMON = {
     "ratio": ("FLOAT", {
@@ -47,7 +48,7 @@ _COMMON = {
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
                    "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, Flux, SD3, "
-                   "Qwen-Image): not used (every block is merged).",
+                   "Qwen-Image, Z-Image): not used (every block is merged).",
     }),
     "scope": (list(SCOPES), {
         "default": "attention",
@@ -58,7 +59,8 @@ _COMMON = {
                    "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, Flux, SD3, "
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
                    "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
-                   "less faithful on the video demo model, not measured on image DiTs).",
+                   "less faithful on the video demo model, less on the image DiT demo model). Z-Image / Lumina 2 "
+                   "have no block hook: attention only.",
     }),
 }
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
@@ -68,7 +70,7 @@ _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live pre
 
 
 # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
-ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen)
+ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen, lumina)
 
 
 def _patch(model, settings: MergeSettings, node_id=None):
@@ -205,7 +207,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
                 "tooltip": "Transformers whose attention mixes text and image tokens (Flux, SD3 / SD3.5, Qwen-Image, "
-                           "HunyuanVideo), scope = attention: each merged image token counts as many times as the "
+                           "Z-Image, HunyuanVideo), scope = attention: each merged image token counts as many times "
+                           "as the "
                            "tokens it stands for (log of the count added to its attention logits, as in ToMe), so "
                            "merging does not shift attention from the image to the text. About 1 dB closer to the "
                            "unmerged image on the DiT demo model. Ignored on UNet models and with scope = transformer, "

@@ -74,7 +74,8 @@ def force_regime(regime: str) -> None:
     mm.get_free_memory = fixed_free_memory
 
 
-SITE_OPTIONS = ("scope", "levels")  # where merging happens: itm-cfg is paired with itm-random at the same site
+# where and how tokens are merged: itm-cfg is paired with itm-random at the same merge site and attention weighting
+SITE_OPTIONS = ("scope", "levels", "proportional_attention")
 
 
 def parse_method(spec: str):

@@ -598,6 +598,32 @@ def tiny_qwen_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["joint_attention_dim"], None, seed + 1, tokens=10))
 
 
+def lumina_config(layers: int = 2, heads: int = 4, head_dim: int = 64, text_dim: int = 32, zimage: bool = True) -> dict:
+    """A Z-Image config (ComfyUI's NextDiT; the real model has width 3840, 30 layers, 30 heads of 128, text 2560,
+    pad tokens to a multiple of 32; Z-Image's modulation needs a width of at least 256); ``zimage=False``: Lumina
+    Image 2.0's layout (no pad tokens, plain modulation)."""
+    axes = [head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8]
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": heads * head_dim,
+              "cap_feat_dim": text_dim, "n_layers": layers, "n_refiner_layers": 1, "qk_norm": True, "n_heads": heads,
+              "n_kv_heads": heads, "axes_dims": axes, "axes_lens": [300, 64, 64], "multiple_of": 32}
+    if zimage:
+        config.update(rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0,
+                      pad_tokens_multiple=32)
+    return config
+
+
+def tiny_lumina_model(seed: int = 0, device=None, **config):
+    """A tiny Z-Image (or Lumina 2) model (comfy.supported_models.Lumina2 / ZImage; current ComfyUI only) and two
+    conditionings (10 text tokens). Latents are [B, 16, H, W] (EmptySD3LatentImage)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("Lumina 2 / Z-Image exist only in current ComfyUI")
+    import comfy.supported_models
+    cfg = lumina_config(**config)
+    cls = comfy.supported_models.ZImage if cfg.get("z_image_modulation") else comfy.supported_models.Lumina2
+    model = _build(cls, cfg, seed, device)
+    return (model, *_cond(cfg["cap_feat_dim"], None, seed + 1, tokens=10))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

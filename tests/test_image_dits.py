@@ -21,6 +21,11 @@ TEXT, IMAGE = 10, 24
 FAMILIES = {"flux": ("HostTestTinyFluxModel", dict(seed=0, double=2, single=2), 4),
             "sd3": ("HostTestTinySD3Model", dict(seed=0, depth=2), 3),  # 2 joint attentions + block 0's attn2
             "qwen": ("HostTestTinyQwenModel", dict(seed=0, layers=2), 2)}
+# NextDiT (Z-Image, Lumina 2): 2 main layers, plus a context and a noise refiner layer that are never merged; Z-Image
+# pads text and image to multiples of 32 tokens (10 text -> 32, 24 image + 8 pad tokens)
+LUMINA = {"zimage": ("HostTestTinyLuminaModel", dict(seed=0, layers=2, zimage=True), 2),
+          "lumina2": ("HostTestTinyLuminaModel", dict(seed=0, layers=2, zimage=False), 2)}
+LUMINA_LAYOUT = {"zimage": (32, 8), "lumina2": (TEXT, 0)}  # (text tokens with padding, image pad tokens)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +37,7 @@ def _modern(comfy):
 def dit_graph(merge=SIMPLE, batch=1, steps=3, cfg=4.0, seed=3, sampler="euler", guidance=True, positive=None,
                family="flux"):
     g = Graph()
-    node, inputs, _ = FAMILIES[family]
+    node, inputs, _ = {**FAMILIES, **LUMINA}[family]
     tiny = g.add(node, **(dict(inputs, guidance=guidance) if family == "flux" else inputs))
     model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0]
     if merge is not None:
@@ -399,3 +404,54 @@ def test_proportional_attention_weighs_each_slot_by_its_tokens(comfy, family):
         torch.testing.assert_close(sizes.sum(1), torch.full((c["rows"],), float(IMAGE)))
     assert relative(images[True], images[False]) > 1e-5
     assert relative(images[True], reference) < 0.6
+
+
+def main_layer_calls():
+    return [c for c in node_classes()["HostTestAttentionRecorder"].RECORDS["rec"] if c["block_type"] == "double"]
+
+
+@pytest.mark.parametrize("family", list(LUMINA))
+def test_nextdit_merges_the_main_layers_joint_attention(comfy, family, caplog):
+    """Z-Image / Lumina 2: the main layers' joint attention [text][image][pad] runs on half of the image tokens; the
+    text and image refiner layers and the pad tokens are never merged; scope = transformer (no block hook in NextDiT)
+    falls back to the attention site with a warning, giving the same image."""
+    text, pad = LUMINA_LAYOUT[family]
+    H.run_prompt(dit_graph(merge=None, family=family)[0].prompt)
+    reference = latent("out").clone()
+    assert {c["length"] for c in main_layer_calls()} == {text + IMAGE + pad}
+    refiners = {c["length"] for c in node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]
+                if c["block_type"] is None}
+    assert refiners == {text, IMAGE + pad}
+    images = {}
+    for scope in ("attention", "transformer"):
+        with caplog.at_level("WARNING", logger="comfyui_importance_tome"):
+            H.run_prompt(dit_graph(merge=dict(SIMPLE, scope=scope), family=family)[0].prompt)
+        images[scope] = latent("out").clone()
+        assert {c["length"] for c in main_layer_calls()} == {text + IMAGE // 2 + pad}
+        assert {c["length"] for c in node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]
+                if c["block_type"] is None} == refiners
+        run = last_run()
+        assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.merged_calls == 3 * 2
+    assert 1e-5 < relative(images["attention"], reference) < 0.6
+    torch.testing.assert_close(images["transformer"], images["attention"])
+    assert any("no block replacement hook" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("family", list(LUMINA))
+def test_nextdit_joint_and_split_calls_and_proportional_bias(comfy, monkeypatch, family):
+    """One partition per step and sample (joint == split calls), and the proportional-attention channel weighs the
+    merged image keys only (text and pad keys get 0)."""
+    text, pad = LUMINA_LAYOUT[family]
+    H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
+    joint = latent("out").clone()
+    for c in main_layer_calls():
+        sizes = (c["k_last"] / (c["head"]) ** 0.5).exp()
+        assert torch.equal(c["k_last"][:, :text], torch.zeros(c["rows"], text))
+        assert torch.equal(c["k_last"][:, text + IMAGE // 2:], torch.zeros(c["rows"], pad))
+        torch.testing.assert_close(sizes[:, text:text + IMAGE // 2].sum(1), torch.full((c["rows"],), float(IMAGE)))
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
+    assert {c["rows"] for c in main_layer_calls()} == {2}
+    torch.testing.assert_close(latent("out"), joint, atol=1e-4, rtol=1e-4)

@@ -336,11 +336,28 @@ class HostTestTinyQwenModel:
         return _boot().tiny_qwen_model(seed=seed, layers=layers)
 
 
+class HostTestTinyLuminaModel:
+    """A tiny Z-Image (zimage=True) or Lumina 2 model (ComfyUI's NextDiT) with two conditionings; current ComfyUI
+    only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "layers": ("INT", {"default": 2, "min": 1, "max": 60}),
+                             "zimage": ("BOOLEAN", {"default": True})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, layers, zimage):
+        return _boot().tiny_lumina_model(seed=seed, layers=layers, zimage=zimage)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index, channels per head and head 0's last q / k channel) and runs it
-    unchanged. Put it before a node that chains overrides to
-    see what the attention kernel finally receives. RECORDS[unique_id] is the list of calls."""
+    unchanged. Put it before a node that chains overrides to see what the attention kernel finally receives. RECORDS[unique_id] is the list of calls."""
 
     RECORDS = {}
 
@@ -434,6 +451,7 @@ NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
 NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
 NODE_CLASS_MAPPINGS["HostTestTinySD3Model"] = HostTestTinySD3Model
 NODE_CLASS_MAPPINGS["HostTestTinyQwenModel"] = HostTestTinyQwenModel
+NODE_CLASS_MAPPINGS["HostTestTinyLuminaModel"] = HostTestTinyLuminaModel
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

@@ -206,13 +206,12 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
-                "tooltip": "Transformers whose attention mixes text and image tokens (Flux, SD3 / SD3.5, Qwen-Image, "
-                           "Z-Image, HunyuanVideo), scope = attention: each merged image token counts as many times "
-                           "as the "
-                           "tokens it stands for (log of the count added to its attention logits, as in ToMe), so "
-                           "merging does not shift attention from the image to the text. About 1 dB closer to the "
-                           "unmerged image on the DiT demo model. Ignored on UNet models and with scope = transformer, "
-                           "where it measured worse.",
+                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN), scope = "
+                           "attention: each merged image token counts as many times as the tokens it stands for (log "
+                           "of the count added to its attention logits, as in ToMe), so merged regions keep their "
+                           "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "
+                           "the unmerged image on the DiT demo models. Ignored on UNet models and with scope = "
+                           "transformer, where it measured worse.",
             }),
         }, "hidden": _HIDDEN}
 

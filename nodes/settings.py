@@ -39,8 +39,8 @@ class MergeSettings:
     weight_power: float = 3.0  # > 0: importance-weighted mean merging (the paper: 0, plain mean)
     affinity: float = 0.2  # > 0: matching also prefers destinations of similar importance (the paper: 0)
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
-    # joint-attention DiTs, attention site: merged image keys count as many times as the tokens they stand for (ToMe's
-    # proportional attention; +0.8 to +1.4 dB on the DiT demo model); UNets ignore it (measured worse there)
+    # DiTs, attention site: merged image keys count as many times as the tokens they stand for (ToMe's proportional
+    # attention; about +1 to +2 dB on the image and video DiT demo models); UNets ignore it (measured worse there)
     proportional_attention: bool = True
 
     def __post_init__(self) -> None:

@@ -9,8 +9,9 @@ WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the r
 HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, pooled 768; the real model has 20
 double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and Flux.1 dev (hidden 3072, 24 heads,
 MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
-specs have no frame count) and SD3.5 large (width 2432, 38 heads, 154 text tokens of width 4096, pooled 2048; 38
-joint blocks in the real model; ``sd3@WxH``). A CPU run uses ``--layers`` of them
+specs have no frame count), SD3.5 large (width 2432, 38 heads, 154 text tokens of width 4096, pooled 2048; 38
+joint blocks in the real model; ``sd3@WxH``), Qwen-Image (``qwen@WxH``) and Z-Image (``zimage@WxH``, attention site
+only). A CPU run uses ``--layers`` of them
 (default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
 are a fraction of a percent). Each measurement is one model evaluation (a cond+uncond batch; one row at ``--cfg 1``,
 where the importance rows use ``cfg1_mode = change``) inside ComfyUI's own sampler after the first step (importance
@@ -102,9 +103,38 @@ def build_sd3(layers: int, seed: int = 0):
     return model, conds[0], conds[1]
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3}
-IMAGE_MODELS = ("flux", "sd3")  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
-TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154}  # text tokens in the self-attention (never merged)
+def build_qwen(layers: int, seed: int = 0):
+    """Qwen-Image blocks (width 3072 = 24 heads of 128, text width 3584; 60 blocks in the real model) with 256
+    text tokens (the prompt's length varies; 256 is a long prompt with the chat template)."""
+    import torch
+    import comfy.supported_models
+    config = H.qwen_config(layers=layers, heads=24, head_dim=128, text_dim=3584)
+    config["axes_dims_rope"] = [16, 56, 56]
+    model = H._build(comfy.supported_models.QwenImage, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 256, 3584, generator=g), {}]] for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
+def build_zimage(layers: int, seed: int = 0):
+    """Z-Image main layers (width 3840 = 30 heads of 128, text width 2560, FFN 10240; 30 main layers in the real
+    model) with 128 text tokens (a multiple of 32, as Z-Image pads them). The 2 + 2 refiner layers of the real model
+    (text alone, image alone; never merged) are left out, so the timed layers all do the same work."""
+    import torch
+    import comfy.supported_models
+    config = H.lumina_config(layers=layers, heads=30, head_dim=128, text_dim=2560, zimage=True)
+    config.update(n_refiner_layers=0, multiple_of=256, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+    model = H._build(comfy.supported_models.ZImage, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 128, 2560, generator=g), {}]] for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
+BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3, "qwen": build_qwen,
+            "zimage": build_zimage}
+IMAGE_MODELS = ("flux", "sd3", "qwen", "zimage")  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
+# text tokens in the self-attention (never merged)
+TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154, "qwen": 256, "zimage": 128}
 
 
 def kernel_share(model, positive, negative, latent, cfg=5.0):

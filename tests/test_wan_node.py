@@ -318,3 +318,29 @@ def test_composes_with_core_step_caching(comfy, cache, scope):
     assert relative < 0.5, relative
     run = last_run()
     assert run.tokens == {0: (36, 18)} and run.merged_calls > 0 and run.maps_captured >= 1
+
+
+def test_proportional_attention_on_wan_self_attention(comfy):
+    """WAN self-attention with proportional attention (the default): one more channel per head carries log(slot size)
+    on the keys (each frame's 6 slots stand for its 12 tokens); cross-attention keeps its width; switching it off on
+    the Advanced node gives plain merged attention and another image."""
+    H.run_prompt(wan_graph().prompt)
+    default = latent("out").clone()
+    heads = {c["head"] for c in calls() if c["q"] != c["k"]}
+    assert len(heads) == 1
+    head = heads.pop()
+    self_calls = [c for c in calls() if c["q"] == c["k"]]
+    assert {c["head"] for c in self_calls} == {head + 1}
+    for c in self_calls:
+        assert torch.equal(c["q_last"], torch.ones_like(c["q_last"]))
+        sizes = (c["k_last"] / (head + 1) ** 0.5).exp()
+        assert sizes.min() > 0.999
+        torch.testing.assert_close(sizes.reshape(c["rows"], 3, 6).sum(-1), torch.full((c["rows"], 3), 12.0))
+    advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0, proportional_attention=False)
+    g = wan_graph(merge=None)
+    g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=["rec", 0],
+                                                 **advanced)[0]
+    H.run_prompt(g.prompt)
+    assert {c["head"] for c in calls() if c["q"] == c["k"]} == {head}
+    assert float((latent("out") - default).norm() / default.norm()) > 1e-5

@@ -10,16 +10,23 @@ py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}
 n=${1:-48}
 out=$repo/tests/results/quality_video
 common=(--samples "$n" --seed-offset 10000 --chunk 16 --regime joint --steps 20 --sampler euler --scheduler simple)
+# the euler_cfg4 / euler_cfg1 / explore folders were written before proportional_attention existed (= false)
+plain="proportional_attention=false"
+prop="proportional_attention=true"
 cd "$repo"
 # both merge sites (attention only / whole blocks) and spatio-temporal merging; cfg 4, ratio 0.5
 "$py" tests/bench_video_quality.py "${common[@]}" --cfg 4 --ratios 0.5 \
-  --methods "none,itm-random,itm-cfg,itm-random:scope=transformer,itm-cfg:scope=transformer,itm-random:video_tokens=across_frames,itm-cfg:video_tokens=across_frames" \
+  --methods "none,itm-random:$plain,itm-cfg:$plain,itm-random:scope=transformer,itm-cfg:scope=transformer,itm-random:video_tokens=across_frames;$plain,itm-cfg:video_tokens=across_frames;$plain" \
   --out "$out/euler_cfg4"
+# proportional attention (the default since it was measured; the attention site): written by
+# "--methods none,itm-random,itm-cfg" once the default was on (its md shows that command)
+"$py" tests/bench_video_quality.py "${common[@]}" --cfg 4 --ratios 0.5 \
+  --methods "none,itm-random:$prop,itm-cfg:$prop" --out "$out/euler_cfg4_proportional"
 # cfg 1 (distilled / guidance-free runs): the CFG-free importance source vs random ToMe
 "$py" tests/bench_video_quality.py "${common[@]}" --cfg 1 --ratios 0.5 \
-  --methods "none,itm-random,itm-cfg:cfg1_mode=change" --out "$out/euler_cfg1"
+  --methods "none,itm-random:$plain,itm-cfg:cfg1_mode=change;$plain" --out "$out/euler_cfg1"
 # exploration on tuning seeds 0..31 (not held out): the paper's settings and plain means at the attention site
 "$py" tests/bench_video_quality.py --samples 32 --seed-offset 0 --chunk 16 --regime joint --steps 20 --sampler euler \
   --scheduler simple --cfg 4 --ratios 0.5 \
-  --methods "none,itm-random,itm-cfg:dst_mode=random;warmup_mode=prune;pool_scale=1.4;weight_power=0.0;affinity=0.0,itm-cfg:weight_power=0.0;affinity=0.0" \
+  --methods "none,itm-random:$plain,itm-cfg:dst_mode=random;warmup_mode=prune;pool_scale=1.4;weight_power=0.0;affinity=0.0;$plain,itm-cfg:weight_power=0.0;affinity=0.0;$plain" \
   --out "$out/euler_cfg4_explore"

@@ -32,7 +32,7 @@ WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less 
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
 CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
-                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json")
+                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json", "zimage_turbo_t2i.json")
 FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
@@ -444,6 +444,30 @@ def qwen_image_t2i(schema):
                       "qwen_image_fp8_e4m3fn, qwen_2.5_vl_7b_fp8_scaled, qwen_image_vae.")
 
 
+def zimage_turbo_t2i(schema):
+    """Z-Image-Turbo text to image (1024x1024), 8 steps at cfg 1 as ComfyUI's own example runs it."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("UNETLoader", (40, 40), unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
+    shift = b.add("ModelSamplingAuraFlow", (420, 40), shift=3.0)
+    b.link(loader, 0, shift, "model")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 180), **MERGE)
+    b.link(shift, 0, merge, "model")
+    clip = b.add("CLIPLoader", (40, 300), clip_name="qwen_3_4b.safetensors", type="lumina2", device="default")
+    vae = b.add("VAELoader", (40, 520), vae_name="ae.safetensors")
+    pos = b.add("CLIPTextEncode", (420, 400), title="Prompt", text=POSITIVE)
+    b.link(clip, 0, pos, "clip")
+    negative = b.add("ConditioningZeroOut", (420, 620))
+    b.link(pos, 0, negative, "conditioning")
+    latent = b.add("EmptySD3LatentImage", (420, 760), width=1024, height=1024, batch_size=1)
+    sample_decode_save(b, (merge, 0), (pos, 0), (negative, 0), (latent, 0), (vae, 0), "importance_tome_zimage",
+                       steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple")
+    return b.workflow("Z-Image-Turbo text to image (1024x1024 = 64x64 image tokens): the image tokens of every main "
+                      "layer's joint attention are merged (Z-Image has no block hook, so attention only); text and "
+                      "pad tokens never. Distilled, so cfg 1: without an uncond pass the node merges like random ToMe "
+                      "(or set cfg1_mode = change on the advanced node; see README). Models: z_image_turbo_bf16, "
+                      "qwen_3_4b, ae.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -498,7 +522,8 @@ def examples(schema, animatediff_nodes=False, current=True):
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
                       "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
                       "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema),
-                      "sd35_t2i.json": sd35_t2i(schema), "qwen_image_t2i.json": qwen_image_t2i(schema)})
+                      "sd35_t2i.json": sd35_t2i(schema), "qwen_image_t2i.json": qwen_image_t2i(schema),
+                      "zimage_turbo_t2i.json": zimage_turbo_t2i(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

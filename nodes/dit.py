@@ -9,11 +9,11 @@ records the step's picture for the preview node.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
-from ..merging import TokenGrid, frame_partition, pool_to_grid
+from ..merging import TokenGrid, attention_with_key_bias, frame_partition, pool_to_grid
 from .runtime import LevelMerge, MergeRuntime, chunk_ids, detach
 
 SITE = 0  # one merge site per video DiT (the preview's "level")
@@ -31,6 +31,19 @@ class ChainedOverride:
         if self.previous is not None:
             return self.previous(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+    def _call_merged(self, func, merged: tuple, rest: tuple, kwargs: dict, runtime, plan: LevelMerge,
+                     key_bias: Callable[[], torch.Tensor], heads_first: bool = False):
+        """The attention on merged ``(q, k, v)`` (``rest``: the positional arguments after them). With
+        ``proportional_attention`` and mean merging, ``key_bias()`` ([B, Lk]: log of each key's slot size, 0 for
+        unmerged keys) is added to the logits (:func:`merging.attention_with_key_bias`)."""
+        part = plan.partition
+        if not runtime.settings.proportional_attention or plan.mode != "mean" or part.is_identity:
+            return self._call(func, merged + rest, kwargs)
+        q = merged[0]
+        heads = rest[0] if rest else kwargs["heads"]  # SD3 passes heads by keyword
+        return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads,
+                                       key_bias().to(q.device), align=8 if q.is_cuda else 1, heads_first=heads_first)
 
 
 def remove_patches(patcher, block_type: type, override_type: type) -> None:

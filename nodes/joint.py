@@ -23,7 +23,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..merging import TokenGrid, attention_with_key_bias, log_slot_sizes
+from ..merging import TokenGrid, log_slot_sizes
 from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
 from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
@@ -196,14 +196,9 @@ class JointAttentionOverride(ChainedOverride):
         runtime.run.summary.merged_calls += 1
         call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
         rest = (args[3], mask) + tuple(args[5:]) if positional else tuple(args[3:])
-        merged = tuple(merge(t) for t in (q, k, v))
-        if runtime.settings.proportional_attention and plan.mode == "mean" and not part.is_identity:
-            bias = _key_bias(part, start, length - image + kept)
-            heads = args[3] if len(args) > 3 else kwargs["heads"]  # SD3 passes heads by keyword
-            out = attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, call_kwargs), *merged, heads,
-                                          bias, align=8 if q.is_cuda else 1, heads_first=split)
-        else:
-            out = self._call(func, merged + rest, call_kwargs)  # [B, L', H*D]
+        out = self._call_merged(func, tuple(merge(t) for t in (q, k, v)), rest, call_kwargs, runtime, plan,
+                                lambda: _key_bias(part, start, length - image + kept), heads_first=split)
+        # out: [B, L', H*D]
         return torch.cat([out[:, :start], part.unmerge(out[:, start:start + kept]), out[:, start + kept:]], dim=1)
 
 

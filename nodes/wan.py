@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..merging import TokenGrid, attention_with_key_bias, log_slot_sizes
+from ..merging import TokenGrid, log_slot_sizes
 from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
 from .runtime import LevelMerge, attach, runtime_of
 from .settings import MergeSettings
@@ -103,13 +103,8 @@ class SelfAttentionOverride(ChainedOverride):
         runtime.run.summary.merged_calls += 1
         part = plan.partition
         merged = tuple(part.merge(t, plan.mode) for t in (q, k, v))
-        if runtime.settings.proportional_attention and plan.mode == "mean" and not part.is_identity:
-            heads = args[3] if len(args) > 3 else kwargs["heads"]
-            out = attention_with_key_bias(lambda *qkv: self._call(func, qkv + tuple(args[3:]), kwargs), *merged,
-                                          heads, log_slot_sizes(part.slot_counts).to(q.device),
-                                          align=8 if q.is_cuda else 1)
-        else:
-            out = self._call(func, merged + tuple(args[3:]), kwargs)
+        out = self._call_merged(func, merged, tuple(args[3:]), kwargs, runtime, plan,
+                                lambda: log_slot_sizes(part.slot_counts))
         return part.unmerge(out)
 
 

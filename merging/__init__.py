@@ -27,12 +27,13 @@ from .partition import (
     tile_token_order,
     tiled_partition,
 )
-from .proportional import attention_with_key_bias, log_slot_sizes, padded_head_size
+from .proportional import attention_with_key_bias, key_bias_mask, log_slot_sizes, padded_head_size
 from .preview import ROLE_COLOURS, importance_picture, merge_picture, overlay, quantise_map
 from .temporal import TemporalShare, frame_partners, pair_groups, temporal_share
 
 __all__ = [
     "attention_with_key_bias",
+    "key_bias_mask",
     "log_slot_sizes",
     "padded_head_size",
     "DST_MODES",

@@ -4,26 +4,48 @@ After merging, one key stands for ``s`` tokens. Plain attention gives it the wei
 region loses attention mass against the unmerged ones. Adding ``log s`` to that key's logit gives exactly the softmax
 weight of ``s`` identical keys: ``softmax(q·k / sqrt(d) + log s)``.
 
-ComfyUI's attention functions differ in how (and whether) they take an additive mask (the 2024 host's sub-quadratic
-kernel drops a mask broadcast over queries), so the bias is carried in the keys themselves: one more channel per head,
-``q' = [q * sqrt(d'/d), 1, 0…]`` and ``k' = [k, sqrt(d') * log s, 0…]`` (``v`` gets zeros there), which any kernel
-that scales by ``1 / sqrt(d')`` turns into the same logits. ``align`` pads each head to a multiple (GPU kernels such as
-flash attention want head sizes that are multiples of 8). The extra channels are dropped from the output.
+Two ways to hand the bias to ComfyUI's attention, with the same logits:
+
+* :func:`key_bias_mask`: an additive attention mask ``[B, 1, 1, Lk]`` (combined with a mask the model already passes,
+  e.g. over padded text), which every attention backend of current ComfyUI takes, as it takes the models' own masks.
+  On GPUs the kernels keep their usual head size (flash / sage kernels support only some head sizes).
+* :func:`attention_with_key_bias`: the bias carried in the keys themselves, one more channel per head,
+  ``q' = [q * sqrt(d'/d), 1, 0…]`` and ``k' = [k, sqrt(d') * log s, 0…]`` (``v`` gets zeros there), which any kernel
+  that scales by ``1 / sqrt(d')`` turns into the same logits, mask or not (the 2024 host's sub-quadratic kernel drops
+  masks broadcast over queries). ``align`` pads each head to a multiple. The extra channels are dropped from the
+  output. Kernels limited to head sizes up to 128 (SageAttention) cannot take a widened 128 head.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 
 def log_slot_sizes(slot_counts: torch.Tensor) -> torch.Tensor:
-    """``[B, L, 1]`` (or ``[B, L]``) token counts per slot → ``[B, L]`` float32 logit bias ``log(count)``."""
-    counts = slot_counts.reshape(slot_counts.shape[0], -1).float()
-    if counts.numel() and bool((counts < 1).any()):
-        raise ValueError("slot counts must be >= 1")
-    return counts.log()
+    """``[B, L, 1]`` (or ``[B, L]``) token counts per slot (each >= 1, as partitions build them; not checked here,
+    which would cost a device sync per attention call) → ``[B, L]`` float32 logit bias ``log(count)``."""
+    return slot_counts.reshape(slot_counts.shape[0], -1).float().log()
+
+
+def key_bias_mask(key_bias: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An additive attention mask that adds ``key_bias[b, j]`` ([B, Lk]) to every logit of key ``j``, combined with
+    ``mask``, a mask in ComfyUI's conventions (None; bool, True = attend; or additive float; ``[Lq, Lk]``,
+    ``[B, Lq, Lk]`` or ``[B, heads, Lq, Lk]``, any of them broadcastable). Returns a ``[B, 1 or heads, 1 or Lq, Lk]``
+    float mask of ``dtype`` (default: the bias's)."""
+    dtype = dtype or key_bias.dtype
+    bias = key_bias[:, None, None, :].to(dtype)
+    if mask is None:
+        return bias
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    elif mask.ndim == 3:
+        mask = mask[:, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype) + bias
 
 
 def padded_head_size(head_size: int, align: int = 1) -> int:
@@ -66,6 +88,6 @@ def attention_with_key_bias(attend: Callable[..., torch.Tensor], q: torch.Tensor
         return out.reshape(x.shape[0], x.shape[1], heads * wide) if flat else out
 
     out = attend(widen(q, math.sqrt(wide / head), 1.0),
-                 widen(k, 1.0, key_bias.to(k.dtype) * math.sqrt(wide)),
+                 widen(k, 1.0, (key_bias * math.sqrt(wide)).to(k.dtype)),  # one rounding in half precision
                  widen(v, 1.0, None))
     return out.reshape(batch, q_len, heads, wide)[..., :head].reshape(batch, q_len, heads * head)

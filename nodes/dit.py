@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..merging import TokenGrid, attention_with_key_bias, frame_partition, pool_to_grid
+from ..merging import TokenGrid, attention_with_key_bias, frame_partition, key_bias_mask, pool_to_grid
 from .runtime import LevelMerge, MergeRuntime, chunk_ids, detach
 
 SITE = 0  # one merge site per video DiT (the preview's "level")
@@ -33,17 +33,41 @@ class ChainedOverride:
         return func(*args, **kwargs)
 
     def _call_merged(self, func, merged: tuple, rest: tuple, kwargs: dict, runtime, plan: LevelMerge,
-                     key_bias: Callable[[], torch.Tensor], heads_first: bool = False):
-        """The attention on merged ``(q, k, v)`` (``rest``: the positional arguments after them). With
-        ``proportional_attention`` and mean merging, ``key_bias()`` ([B, Lk]: log of each key's slot size, 0 for
-        unmerged keys) is added to the logits (:func:`merging.attention_with_key_bias`)."""
+                     key_bias: Callable[[], torch.Tensor], heads_first: bool = False, mask_index: Optional[int] = None):
+        """The attention on merged ``(q, k, v)`` (``rest``: the positional arguments after them; the mask is
+        ``rest[mask_index]``, else ``kwargs["mask"]``). With ``proportional_attention`` and mean merging,
+        ``key_bias()`` ([B, Lk]: log of each key's slot size, 0 for unmerged keys) is added to the logits: on the CPU
+        through one more channel per head (:func:`merging.attention_with_key_bias`), elsewhere as an additive mask
+        combined with the model's own (:func:`merging.key_bias_mask`), so GPU kernels keep their head size. Both are
+        built once per forward and partition."""
         part = plan.partition
         if not runtime.settings.proportional_attention or plan.mode != "mean" or part.is_identity:
             return self._call(func, merged + rest, kwargs)
-        q = merged[0]
+        q, k = merged[:2]
+        cache = runtime.run.partitions  # reset every forward
+        length = k.shape[2 if heads_first else 1]
+        key = ("key bias", id(part), length)
+        if key not in cache or cache[key][0] is not part:
+            cache[key] = (part, key_bias().to(q.device))
+        bias = cache[key][1]
         heads = rest[0] if rest else kwargs["heads"]  # SD3 passes heads by keyword
-        return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads,
-                                       key_bias().to(q.device), align=8 if q.is_cuda else 1, heads_first=heads_first)
+        if not _bias_as_mask(q.device):
+            return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads, bias,
+                                           heads_first=heads_first)
+        mask = rest[mask_index] if mask_index is not None else kwargs.get("mask")
+        key = ("bias mask", id(part), length, id(mask), q.dtype)
+        if key not in cache or cache[key][0] is not part or cache[key][1] is not mask:
+            cache[key] = (part, mask, key_bias_mask(bias, mask, q.dtype))
+        mask = cache[key][2]
+        if mask_index is not None:
+            return self._call(func, merged + rest[:mask_index] + (mask,) + rest[mask_index + 1:], kwargs)
+        return self._call(func, merged + rest, dict(kwargs, mask=mask))
+
+
+def _bias_as_mask(device: torch.device) -> bool:
+    """Proportional attention's key bias goes to the kernel as a mask (GPUs and other accelerators: their kernels
+    keep their head size) or as an extra channel per head (the CPU)."""
+    return device.type != "cpu"
 
 
 def remove_patches(patcher, block_type: type, override_type: type) -> None:

@@ -105,10 +105,14 @@ def grid_wrapper(executor, x, *args, **kwargs):
     if options is None:
         options = next((a for a in args if isinstance(a, dict) and KEY in a), None)
     runtime = runtime_of(options) if isinstance(options, dict) else None
-    layout = runtime.read_input(executor.class_obj, x, args, kwargs) if isinstance(runtime, JointRuntime) else None
-    if layout is None:
+    if not isinstance(runtime, JointRuntime):
         return executor(x, *args, **kwargs)
     outer = runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal  # a forward inside a forward
+    runtime.refusal = None  # read_input may refuse this forward (and only this one)
+    layout = runtime.read_input(executor.class_obj, x, args, kwargs)
+    if layout is None:
+        runtime.refusal = outer[3]
+        return executor(x, *args, **kwargs)
     runtime.grid, runtime.tail = layout
     runtime.latent_size = tuple(x.shape[-2:])
     try:
@@ -197,7 +201,8 @@ class JointAttentionOverride(ChainedOverride):
         call_kwargs = dict(kwargs, mask=mask) if "mask" in kwargs else kwargs
         rest = (args[3], mask) + tuple(args[5:]) if positional else tuple(args[3:])
         out = self._call_merged(func, tuple(merge(t) for t in (q, k, v)), rest, call_kwargs, runtime, plan,
-                                lambda: _key_bias(part, start, length - image + kept), heads_first=split)
+                                lambda: _key_bias(part, start, length - image + kept), heads_first=split,
+                                mask_index=1 if positional else None)
         # out: [B, L', H*D]
         return torch.cat([out[:, :start], part.unmerge(out[:, start:start + kept]), out[:, start + kept:]], dim=1)
 

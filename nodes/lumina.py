@@ -31,6 +31,10 @@ class LuminaRuntime(joint.ImageRuntime):
     family = "Lumina 2 / Z-Image"
     BLOCKS = ()  # no patches_replace["dit"] in NextDiT: the attention site only
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.joint_length = -1  # tokens of the main layers' joint sequence in the forward being run
+
     def read_input(self, net, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
         if x.ndim != 4:
             return None
@@ -38,14 +42,19 @@ class LuminaRuntime(joint.ImageRuntime):
         grid = TokenGrid(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch))
         multiple = getattr(net, "pad_tokens_multiple", None)
         tail = (-grid.num_tokens) % multiple if multiple else 0  # pad tokens after the image
+        context = args[1] if len(args) > 1 else kwargs.get("context")  # (timesteps, context, num_tokens, mask)
+        text = context.shape[1] if context is not None else 0
+        if multiple:  # Z-Image pads the text too (an empty one to one block of pad tokens)
+            text = max(-(-text // multiple), 1) * multiple
+        self.joint_length = text + grid.num_tokens + tail  # the main layers' sequence
         if kwargs.get("ref_latents"):
             self.refusal = ("omni", "Z-Image omni (reference latents: several images in one sequence) is left "
                             "unmerged")
         return grid, tail
 
     def plan(self, tokens, metric, extra, kind, block=None):
-        if self.grid is not None and tokens <= self.grid.num_tokens + self.tail:
-            return None  # no text part: a refiner layer (image or text alone), never merged
+        if tokens != self.joint_length and self.refusal is None:
+            return None  # a refiner layer (text or image alone; NextDiT leaves block_index set), never merged
         return super().plan(tokens, metric, extra, kind, block)
 
 

@@ -218,6 +218,8 @@ def main(argv=None) -> int:
         if arch in IMAGE_MODELS:
             width, height = (int(v) for v in size.split("x"))
             latent = torch.zeros(1, 16, height // 8, width // 8)
+            if arch == "qwen":  # Qwen-Image's latent has a frame axis
+                latent = latent[:, :, None]
         else:
             width, height, length = (int(v) for v in size.split("x"))
             latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)

@@ -455,3 +455,44 @@ def test_nextdit_joint_and_split_calls_and_proportional_bias(comfy, monkeypatch,
     H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
     assert {c["rows"] for c in main_layer_calls()} == {2}
     torch.testing.assert_close(latent("out"), joint, atol=1e-4, rtol=1e-4)
+
+
+def test_a_refused_forward_does_not_refuse_the_next_ones(comfy):
+    """A forward the runtime refuses (Qwen-Image references with index_timestep_zero at scope = transformer) leaves
+    only itself unmerged: with references on the positive prompt only, cond and uncond run as separate forwards, and
+    every uncond forward (3 steps x 2 blocks) still merges; a run without references merges every forward."""
+    import comfy.sample
+
+    model, positive, negative = H.tiny_qwen_model(seed=0)
+    node = node_classes()["ITM_ImportanceTokenMerging"]()
+    (patched,) = node.patch(model, **BLOCKS)
+    runtime = patched.model_options["transformer_options"]["importance_tome"]
+    noise = torch.randn(1, 16, 1, 8, 12, generator=torch.Generator().manual_seed(0))
+    reference = {"reference_latents": [torch.zeros(1, 16, 1, 8, 8)], "reference_latents_method": "index_timestep_zero"}
+    with_refs = [[positive[0][0], dict(positive[0][1], **reference)]]
+    for conds, refused, merged in (((with_refs, negative), True, 3 * 2), ((positive, negative), False, 3 * 2)):
+        args = (3, 4.0, "euler", "simple", *conds, torch.zeros_like(noise))
+        comfy.sample.sample(patched, noise, *args, seed=0, disable_pbar=True)
+        run = runtime.summaries()[-1]
+        assert any("index_timestep_zero" in f for f in run.fallbacks) == refused
+        assert run.merged_calls == merged, run.merged_calls
+
+
+@pytest.mark.parametrize("family", ["qwen", "flux", "zimage"])
+def test_proportional_attention_as_a_mask_gives_the_same_image(comfy, monkeypatch, family):
+    """On GPUs the key bias goes to the attention kernel as an additive mask (combined with Qwen-Image's positional
+    text mask) instead of an extra channel per head: forced here on the CPU, the image is the same, and the kernel
+    gets its usual head size and a mask."""
+    dit = H.pack_module("nodes.dit")
+    H.run_prompt(dit_graph(merge=SIMPLE, family=family)[0].prompt)
+    channel = latent("out").clone()
+    head = {c["head"] for c in main_calls(family)}
+    monkeypatch.setattr(dit, "_bias_as_mask", lambda device: True)
+    H.run_prompt(dit_graph(merge=SIMPLE, family=family)[0].prompt)
+    assert {c["head"] for c in main_calls(family)} == {h - 1 for h in head}
+    assert all(c["mask"] for c in main_calls(family))
+    torch.testing.assert_close(latent("out"), channel, atol=1e-4, rtol=1e-4)
+
+
+def main_calls(family):
+    return main_layer_calls() if family in LUMINA else calls()

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from merging import (
-    RandomGridConfig, TokenGrid, attention_with_key_bias, frame_partition, log_slot_sizes, make_partition,
-    padded_head_size,
+    RandomGridConfig, TokenGrid, attention_with_key_bias, frame_partition, key_bias_mask, log_slot_sizes,
+    make_partition, padded_head_size,
 )
 
 
@@ -67,8 +67,6 @@ def test_padded_head_sizes_and_bad_input():
     assert padded_head_size(64) == 65 and padded_head_size(64, 8) == 72 and padded_head_size(7, 8) == 8
     with pytest.raises(ValueError):
         padded_head_size(0)
-    with pytest.raises(ValueError, match=">= 1"):
-        log_slot_sizes(torch.tensor([[1.0, 0.0]]))
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="key_bias"):
         attention_with_key_bias(lambda *t: comfy_like_attention(*t, 4), q, k, v, 4, torch.zeros(2, 6))
@@ -96,3 +94,45 @@ def test_slot_counts_of_partitions_count_every_token():
     slot_frame = frames.merge(torch.arange(3.0).repeat_interleave(24)[None, :, None].expand(2, 72, 1).contiguous())
     assert torch.equal(slot_frame[..., 0], torch.arange(3.0).repeat_interleave(12).expand(2, -1))
     assert math.isclose(float(log_slot_sizes(counts).exp().sum()), 144.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("existing", [None, "bool", "float", "square"])
+def test_bias_as_a_mask_combines_with_the_models_mask(existing):
+    """The GPU form: an additive [B, 1, 1 or Lq, Lk] mask, added to a mask the model passes (bool: True = attend,
+    or additive float, 2-D / 3-D as ComfyUI's kernels take them); the same logits as the bias plus that mask."""
+    q, k, v = _qkv()
+    bias = log_slot_sizes(torch.tensor([[1, 2, 3, 1, 4, 1, 2], [2, 2, 1, 1, 1, 5, 1]], dtype=torch.float32))
+
+    def heads(x):
+        return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
+
+    allowed = torch.ones(2, 10, 7, dtype=torch.bool)
+    allowed[:, :, 5:] = False  # the last two keys padded away
+    model_mask = {None: None, "bool": allowed[:, :1], "float": torch.zeros(2, 1, 7).masked_fill(~allowed[:, :1], -1e4),
+                  "square": torch.zeros(10, 7).masked_fill(~allowed[0], -1e4)}[existing]
+    mask = key_bias_mask(bias, model_mask, torch.float32)
+    assert mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[-1] == 7
+    expected_mask = bias[:, None, None, :] + (0 if existing is None else torch.zeros(2, 1, 10, 7).masked_fill(
+        ~allowed[:, None], float("-inf")))
+    expected = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=expected_mask)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert key_bias_mask(bias, None, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_channel_stays_close_to_the_float_reference(dtype):
+    """In half precision the bias channel is rounded once; the result stays within half-precision noise of the
+    float32 masked reference."""
+    q, k, v = _qkv()
+    bias = log_slot_sizes(torch.tensor([[1, 2, 9, 1, 4, 1, 2], [2, 2, 1, 1, 1, 5, 1]], dtype=torch.float32))
+
+    def heads(x):
+        return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
+
+    expected = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias[:, None, None, :])
+    expected = expected.transpose(1, 2).reshape(2, 10, 64)
+    out = attention_with_key_bias(lambda *t: comfy_like_attention(*t, 4), q.to(dtype), k.to(dtype), v.to(dtype), 4,
+                                  bias)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)

@@ -379,7 +379,8 @@ class HostTestAttentionRecorder(_ModelProbe):
                             "length": int(q.shape[axis]), "block_index": extra.get("block_index"),
                             "block_type": extra.get("block_type"), "grid_sizes": extra.get("grid_sizes"),
                             "head": int(q.shape[-1] if axis == 2 else q.shape[-1] // heads),
-                            "q_last": last_channel(q), "k_last": last_channel(k)})
+                            "q_last": last_channel(q), "k_last": last_channel(k),
+                            "mask": (args[4] if len(args) > 4 else kwargs.get("mask")) is not None})
             out = func(*args, **kwargs)
             records[-1]["out"] = int(out.shape[1])
             return out

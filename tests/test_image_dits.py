@@ -373,10 +373,12 @@ def test_preview_node_draws_the_image_dit_maps(comfy, family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_proportional_attention_weighs_each_slot_by_its_tokens(comfy, family):
+def test_proportional_attention_weighs_each_slot_by_its_tokens(comfy, monkeypatch, family):
     """proportional_attention: the attention kernel gets one more channel per head that adds log(slot size) to the
     logits of each merged image key (0 for text keys; the queries' channel is 1), so the image part of every joint
-    attention still weighs all 24 image tokens; the image changes, and stays close to the unmerged one."""
+    attention still weighs all 24 image tokens; the image changes, and stays close to the unmerged one. (The channel
+    form, which the CPU uses, is pinned so that the test reads the same on a GPU.)"""
+    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
     H.run_prompt(dit_graph(merge=None, family=family)[0].prompt)
     reference = latent("out").clone()
     head = {c["head"] for c in calls()}
@@ -440,7 +442,8 @@ def test_nextdit_merges_the_main_layers_joint_attention(comfy, family, caplog):
 @pytest.mark.parametrize("family", list(LUMINA))
 def test_nextdit_joint_and_split_calls_and_proportional_bias(comfy, monkeypatch, family):
     """One partition per step and sample (joint == split calls), and the proportional-attention channel weighs the
-    merged image keys only (text and pad keys get 0)."""
+    merged image keys only (text and pad keys get 0; the channel form pinned, as on the CPU)."""
+    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
     text, pad = LUMINA_LAYOUT[family]
     H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
     joint = latent("out").clone()

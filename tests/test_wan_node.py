@@ -320,10 +320,12 @@ def test_composes_with_core_step_caching(comfy, cache, scope):
     assert run.tokens == {0: (36, 18)} and run.merged_calls > 0 and run.maps_captured >= 1
 
 
-def test_proportional_attention_on_wan_self_attention(comfy):
+def test_proportional_attention_on_wan_self_attention(comfy, monkeypatch):
     """WAN self-attention with proportional attention (the default): one more channel per head carries log(slot size)
-    on the keys (each frame's 6 slots stand for its 12 tokens); cross-attention keeps its width; switching it off on
-    the Advanced node gives plain merged attention and another image."""
+    on the keys (each frame's 6 slots stand for its 12 tokens; the channel form pinned, as on the CPU);
+    cross-attention keeps its width; switching it off on the Advanced node gives plain merged attention and another
+    image."""
+    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
     H.run_prompt(wan_graph().prompt)
     default = latent("out").clone()
     heads = {c["head"] for c in calls() if c["q"] != c["k"]}

@@ -24,6 +24,11 @@ def comfy_like_attention(q, k, v, heads, heads_first=False):
     return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
 
 
+def heads(x):
+    """[B, L, 4*16] -> [B, 4, L, 16]."""
+    return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
+
+
 def _qkv(seed=0, batch=2, q_len=10, k_len=7, heads=4, head=16):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, n, heads * head, generator=g) for n in (q_len, k_len, k_len)]
@@ -34,9 +39,6 @@ def _qkv(seed=0, batch=2, q_len=10, k_len=7, heads=4, head=16):
 def test_same_logits_as_an_additive_key_mask(layout, align):
     q, k, v = _qkv()
     bias = log_slot_sizes(torch.tensor([[1, 2, 3, 1, 4, 1, 2], [2, 2, 1, 1, 1, 5, 1]], dtype=torch.float32))
-
-    def heads(x):
-        return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
 
     expected = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias[:, None, None, :])
     expected = expected.transpose(1, 2).reshape(2, 10, 64)
@@ -103,9 +105,6 @@ def test_bias_as_a_mask_combines_with_the_models_mask(existing):
     q, k, v = _qkv()
     bias = log_slot_sizes(torch.tensor([[1, 2, 3, 1, 4, 1, 2], [2, 2, 1, 1, 1, 5, 1]], dtype=torch.float32))
 
-    def heads(x):
-        return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
-
     allowed = torch.ones(2, 10, 7, dtype=torch.bool)
     allowed[:, :, 5:] = False  # the last two keys padded away
     model_mask = {None: None, "bool": allowed[:, :1], "float": torch.zeros(2, 1, 7).masked_fill(~allowed[:, :1], -1e4),
@@ -126,9 +125,6 @@ def test_half_precision_channel_stays_close_to_the_float_reference(dtype):
     float32 masked reference."""
     q, k, v = _qkv()
     bias = log_slot_sizes(torch.tensor([[1, 2, 9, 1, 4, 1, 2], [2, 2, 1, 1, 1, 5, 1]], dtype=torch.float32))
-
-    def heads(x):
-        return x.reshape(x.shape[0], x.shape[1], 4, 16).transpose(1, 2)
 
     expected = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=bias[:, None, None, :])
     expected = expected.transpose(1, 2).reshape(2, 10, 64)

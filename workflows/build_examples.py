@@ -400,6 +400,25 @@ def flux_dev_t2i(schema):
                       "advanced node; see README). Models: flux1-dev, clip_l, t5xxl_fp16, ae.")
 
 
+def prompt_pair(b, clip, y, negative):
+    """Positive and negative CLIPTextEncode at rows ``y`` = (positive, negative), both on ``clip``."""
+    pos = b.add("CLIPTextEncode", (420, y[0]), title="Positive", text=POSITIVE)
+    neg = b.add("CLIPTextEncode", (420, y[1]), title="Negative", text=negative)
+    b.link(clip, 0, pos, "clip")
+    b.link(clip, 0, neg, "clip")
+    return pos, neg
+
+
+def shifted_unet(b, unet_name, shift, merge):
+    """UNETLoader → ModelSamplingAuraFlow → the merging node (Qwen-Image, Z-Image)."""
+    loader = b.add("UNETLoader", (40, 40), unet_name=unet_name, weight_dtype="default")
+    sampling = b.add("ModelSamplingAuraFlow", (420, 40), shift=shift)
+    b.link(loader, 0, sampling, "model")
+    node = b.add("ITM_ImportanceTokenMerging", (420, 180), **merge)
+    b.link(sampling, 0, node, "model")
+    return node
+
+
 def sd35_t2i(schema):
     """SD3.5 large text to image (1024x1024) with its three text encoders, cfg 4.5: the CFG importance map."""
     b = WorkflowBuilder(schema)
@@ -408,10 +427,7 @@ def sd35_t2i(schema):
     b.link(loader, 0, merge, "model")
     clip = b.add("TripleCLIPLoader", (40, 300), clip_name1="clip_l.safetensors", clip_name2="clip_g.safetensors",
                  clip_name3="t5xxl_fp16.safetensors")
-    pos = b.add("CLIPTextEncode", (420, 300), title="Positive", text=POSITIVE)
-    neg = b.add("CLIPTextEncode", (420, 520), title="Negative", text=NEGATIVE)
-    b.link(clip, 0, pos, "clip")
-    b.link(clip, 0, neg, "clip")
+    pos, neg = prompt_pair(b, clip, (300, 520), NEGATIVE)
     latent = b.add("EmptySD3LatentImage", (420, 740), width=1024, height=1024, batch_size=1)
     sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (loader, 2), "importance_tome_sd35",
                        steps=28, cfg=4.5, sampler_name="euler", scheduler="sgm_uniform")
@@ -423,18 +439,11 @@ def sd35_t2i(schema):
 def qwen_image_t2i(schema):
     """Qwen-Image text to image (1328x1328), cfg 2.5: the CFG importance map."""
     b = WorkflowBuilder(schema)
-    loader = b.add("UNETLoader", (40, 40), unet_name="qwen_image_fp8_e4m3fn.safetensors", weight_dtype="default")
-    shift = b.add("ModelSamplingAuraFlow", (420, 40), shift=3.1)
-    b.link(loader, 0, shift, "model")
-    merge = b.add("ITM_ImportanceTokenMerging", (420, 180), **FLUX_MERGE)
-    b.link(shift, 0, merge, "model")
+    merge = shifted_unet(b, "qwen_image_fp8_e4m3fn.safetensors", 3.1, FLUX_MERGE)
     clip = b.add("CLIPLoader", (40, 300), clip_name="qwen_2.5_vl_7b_fp8_scaled.safetensors", type="qwen_image",
                  device="default")
     vae = b.add("VAELoader", (40, 520), vae_name="qwen_image_vae.safetensors")
-    pos = b.add("CLIPTextEncode", (420, 400), title="Positive", text=POSITIVE)
-    neg = b.add("CLIPTextEncode", (420, 620), title="Negative", text="")
-    b.link(clip, 0, pos, "clip")
-    b.link(clip, 0, neg, "clip")
+    pos, neg = prompt_pair(b, clip, (400, 620), "")
     latent = b.add("EmptySD3LatentImage", (420, 840), width=1328, height=1328, batch_size=1)
     sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (vae, 0), "importance_tome_qwen_image",
                        steps=20, cfg=2.5, sampler_name="euler", scheduler="simple")
@@ -447,11 +456,7 @@ def qwen_image_t2i(schema):
 def zimage_turbo_t2i(schema):
     """Z-Image-Turbo text to image (1024x1024), 8 steps at cfg 1 as ComfyUI's own example runs it."""
     b = WorkflowBuilder(schema)
-    loader = b.add("UNETLoader", (40, 40), unet_name="z_image_turbo_bf16.safetensors", weight_dtype="default")
-    shift = b.add("ModelSamplingAuraFlow", (420, 40), shift=3.0)
-    b.link(loader, 0, shift, "model")
-    merge = b.add("ITM_ImportanceTokenMerging", (420, 180), **MERGE)
-    b.link(shift, 0, merge, "model")
+    merge = shifted_unet(b, "z_image_turbo_bf16.safetensors", 3.0, MERGE)
     clip = b.add("CLIPLoader", (40, 300), clip_name="qwen_3_4b.safetensors", type="lumina2", device="default")
     vae = b.add("VAELoader", (40, 520), vae_name="ae.safetensors")
     pos = b.add("CLIPTextEncode", (420, 400), title="Prompt", text=POSITIVE)

@@ -54,6 +54,10 @@ class ChainedOverride:
         if not _bias_as_mask(q.device):
             return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads, bias,
                                            heads_first=heads_first)
+        if getattr(func, "__name__", "") in MASKLESS_KERNELS:
+            runtime.note("bias", "proportional attention is off with the %s kernel, which takes no attention mask "
+                         "on this device", func.__name__)
+            return self._call(func, merged + rest, kwargs)
         mask = rest[mask_index] if mask_index is not None else kwargs.get("mask")
         key = ("bias mask", id(part), length, id(mask), q.dtype)
         if key not in cache or cache[key][0] is not part or cache[key][1] is not mask:
@@ -62,6 +66,11 @@ class ChainedOverride:
         if mask_index is not None:
             return self._call(func, merged + rest[:mask_index] + (mask,) + rest[mask_index + 1:], kwargs)
         return self._call(func, merged + rest, dict(kwargs, mask=mask))
+
+
+# ComfyUI kernels that drop (sage: sageattn ignores attn_mask) or refuse (flash: falls back to SDPA with a warning
+# per call) an attention mask: proportional attention is skipped there on GPUs, with a note
+MASKLESS_KERNELS = ("attention_sage", "attention3_sage", "attention_flash")
 
 
 def _bias_as_mask(device: torch.device) -> bool:

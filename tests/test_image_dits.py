@@ -499,3 +499,33 @@ def test_proportional_attention_as_a_mask_gives_the_same_image(comfy, monkeypatc
 
 def main_calls(family):
     return main_layer_calls() if family in LUMINA else calls()
+
+
+def test_kernels_without_masks_skip_the_bias_with_a_note(comfy, monkeypatch):
+    """On GPUs the bias goes in as a mask; ComfyUI's sage kernel ignores masks and its flash kernel refuses them (a
+    warning and an SDPA fallback per call), so there the call runs with plain merged attention, noted once. Forced
+    here on the CPU with kernels named like ComfyUI's; a kernel that takes masks gets the bias."""
+    dit, merging = H.pack_module("nodes.dit"), H.pack_module("merging")
+    runtime_mod, settings = H.pack_module("nodes.runtime"), H.pack_module("nodes.settings")
+    monkeypatch.setattr(dit, "_bias_as_mask", lambda device: True)
+    grid = merging.TokenGrid(4, 6)
+    g = torch.Generator().manual_seed(0)
+    part = merging.make_partition(torch.randn(1, 24, 8, generator=g), merging.RandomGridConfig(0.5), grid=grid,
+                                  generator=torch.Generator().manual_seed(1))
+    plan = runtime_mod.LevelMerge(part, "mean")
+    q, k, v = (torch.randn(1, 12, 32, generator=g) for _ in range(3))
+    for name, expect_mask in (("attention_sage", False), ("attention_flash", False), ("attention_pytorch", True)):
+        runtime = runtime_mod.MergeRuntime(settings.MergeSettings())
+        seen = {}
+
+        def kernel(q, k, v, heads, mask=None, **kwargs):
+            seen["mask"], seen["width"] = mask, q.shape[-1]
+            return q
+
+        kernel.__name__ = name
+        dit.ChainedOverride()._call_merged(kernel, (q, k, v), (2,), {}, runtime, plan,
+                                           lambda: merging.log_slot_sizes(part.slot_counts))
+        assert (seen["mask"] is not None) == expect_mask and seen["width"] == 32
+        assert any("proportional attention is off" in f for f in runtime.run.summary.fallbacks) != expect_mask
+        if expect_mask:
+            torch.testing.assert_close(seen["mask"][:, 0, 0].exp().sum(1), torch.tensor([24.0]))

@@ -44,28 +44,25 @@ class ChainedOverride:
         if not runtime.settings.proportional_attention or plan.mode != "mean" or part.is_identity:
             return self._call(func, merged + rest, kwargs)
         q, k = merged[:2]
-        cache = runtime.run.partitions  # reset every forward
-        length = k.shape[2 if heads_first else 1]
-        key = ("key bias", id(part), length)
-        if key not in cache or cache[key][0] is not part:
-            cache[key] = (part, key_bias().to(q.device))
-        bias = cache[key][1]
-        heads = rest[0] if rest else kwargs["heads"]  # SD3 passes heads by keyword
-        if not _bias_as_mask(q.device):
-            return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads, bias,
-                                           heads_first=heads_first)
-        if getattr(func, "__name__", "") in MASKLESS_KERNELS:
+        as_mask = _bias_as_mask(q.device)
+        if as_mask and getattr(func, "__name__", "") in MASKLESS_KERNELS:
             runtime.note("bias", "proportional attention is off with the %s kernel, which takes no attention mask "
                          "on this device", func.__name__)
             return self._call(func, merged + rest, kwargs)
-        mask = rest[mask_index] if mask_index is not None else kwargs.get("mask")
-        key = ("bias mask", id(part), length, id(mask), q.dtype)
+        mask = (rest[mask_index] if mask_index is not None else kwargs.get("mask")) if as_mask else None
+        cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one bias
+        key = ("key bias", id(part), k.shape[2 if heads_first else 1], id(mask), q.dtype)
         if key not in cache or cache[key][0] is not part or cache[key][1] is not mask:
-            cache[key] = (part, mask, key_bias_mask(bias, mask, q.dtype))
-        mask = cache[key][2]
+            bias = key_bias().to(q.device)
+            cache[key] = (part, mask, key_bias_mask(bias, mask, q.dtype) if as_mask else bias)
+        addend = cache[key][2]
+        if not as_mask:
+            heads = rest[0] if rest else kwargs["heads"]  # SD3 passes heads by keyword
+            return attention_with_key_bias(lambda *qkv: self._call(func, qkv + rest, kwargs), *merged, heads, addend,
+                                           heads_first=heads_first)
         if mask_index is not None:
-            return self._call(func, merged + rest[:mask_index] + (mask,) + rest[mask_index + 1:], kwargs)
-        return self._call(func, merged + rest, dict(kwargs, mask=mask))
+            return self._call(func, merged + rest[:mask_index] + (addend,) + rest[mask_index + 1:], kwargs)
+        return self._call(func, merged + rest, dict(kwargs, mask=addend))
 
 
 # ComfyUI kernels that drop (sage: sageattn ignores attn_mask) or refuse (flash: falls back to SDPA with a warning

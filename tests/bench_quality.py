@@ -75,7 +75,7 @@ def force_regime(regime: str) -> None:
 
 
 # where and how tokens are merged: itm-cfg is paired with itm-random at the same merge site and attention weighting
-SITE_OPTIONS = ("scope", "levels", "proportional_attention")
+PAIRED_OPTIONS = ("scope", "levels", "proportional_attention")
 
 
 def parse_method(spec: str):
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             row["fd_eff"], row["fd_eff_lo"], row["fd_eff_hi"] = metrics.frechet_bootstrap(
                 eff_feats, real_eff, rounds=args.bootstrap)
         if name == "itm-cfg":
-            site = {k: v for k, v in options.items() if k in SITE_OPTIONS}  # random ToMe at the same merge site
+            site = {k: v for k, v in options.items() if k in PAIRED_OPTIONS}  # random ToMe at the same merge site
             for base, base_options in (("builtin", {}), ("itm-random", site)):
                 base_tag = label(base, base_options, ratio)
                 if base_tag in per_seed:

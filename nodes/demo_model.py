@@ -29,6 +29,7 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_unet.safetensors")
 VIDEO_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_wan.safetensors")
 DIT_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_qwen.safetensors")
+PIXART_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_pixart.safetensors")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NULL_CLASS = len(CLASSES)
 CONTEXT_DIM = 64
@@ -54,6 +55,16 @@ DEMO_QWEN = {
     "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 6,
     "attention_head_dim": 32, "num_attention_heads": 4, "joint_attention_dim": CONTEXT_DIM,
     "axes_dims_rope": [8, 12, 12],
+}
+# the PixArt demo model: ComfyUI's PixArt-alpha class (the paper's DiT: self-attention over image tokens, cross-
+# attention to the text, absolute positions added once) with 8 blocks of width 128; its latent is the UNet demo's
+# SD1.5 layout at twice the size (a 512x512 image, 64x64 latent, every garment pixel a 2x2 latent block) with a 4x4
+# patch, so an image is 16x16 = 256 tokens (PixArt's position embedding needs a latent of at least 33x33)
+DEMO_PIXART = {
+    "image_model": "pixart_alpha", "input_size": 64, "patch_size": 4, "in_channels": 4, "hidden_size": 128,
+    "depth": 8, "num_heads": 4, "mlp_ratio": 3.0, "class_dropout_prob": 0.0, "pred_sigma": False,
+    "learn_sigma": False, "caption_channels": CONTEXT_DIM, "model_max_length": 1, "micro_condition": False,
+    "pe_interpolation": None,
 }
 # words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
 _ALIASES = {
@@ -248,6 +259,16 @@ def build_qwen_patcher(state: Optional[dict] = None, load_device=None):
     return _patcher(config, state, load_device)
 
 
+def build_pixart_patcher(state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the PixArt demo architecture (PixArt-alpha class, :data:`DEMO_PIXART`)."""
+    import comfy.supported_models  # noqa: PLC0415 (host module)
+
+    if not hasattr(comfy.supported_models, "PixArtAlpha"):
+        raise RuntimeError("the PixArt demo model needs a ComfyUI with PixArt models (0.3.7 or later)")
+    config = comfy.supported_models.PixArtAlpha(dict(DEMO_PIXART))
+    return _patcher(config, state, load_device)
+
+
 def load_demo_model(path: str = WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled demo model."""
     unet, table, metadata = read_weights(path)
@@ -264,6 +285,12 @@ def load_demo_dit_model(path: str = DIT_WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled image DiT demo model (current ComfyUI only)."""
     net, table, metadata = read_weights(path)
     return build_qwen_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata  # Qwen-Image's VAE is WAN's
+
+
+def load_demo_pixart_model(path: str = PIXART_WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled PixArt demo model (current ComfyUI only)."""
+    net, table, metadata = read_weights(path)
+    return build_pixart_patcher(net), DemoTextEncoder(table), DemoImageCodec(), metadata
 
 
 class _DemoLoader:

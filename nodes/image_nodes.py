@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from . import flux, hunyuan, lumina, qwen, sd3, unet, wan
+from . import flux, hunyuan, lumina, pixart, qwen, sd3, unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
     CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
@@ -21,8 +21,8 @@ CATEGORY = "model_patches/token_merging"
 
 _MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; on "
                                   "current ComfyUI also WAN 2.x and HunyuanVideo (per latent frame), Flux, SD3 / SD3.5, "
-                                  "Qwen-Image and Z-Image / Lumina 2 (image tokens only; text and reference tokens "
-                                  "never merge). Other "
+                                  "Qwen-Image, Z-Image / Lumina 2 and PixArt-α / Σ (image tokens only; text and "
+                                  "reference tokens never merge). Other "
                                   "models pass through unchanged with a warning."})
 _COMMON = {
     "ratio": ("FLOAT", {
@@ -48,7 +48,8 @@ _COMMON = {
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
                    "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, Flux, SD3, "
-                   "Qwen-Image, Z-Image): not used (every block is merged).",
+                   "Qwen-Image, Z-Image): not used (every block is merged). PixArt: auto = the paper's blocks "
+                   "(the middle half: 7-20 of 28), auto+1 = every block.",
     }),
     "scope": (list(SCOPES), {
         "default": "attention",
@@ -60,7 +61,8 @@ _COMMON = {
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
                    "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
                    "less faithful on the video demo model, less on the image DiT demo model). Z-Image / Lumina 2 "
-                   "have no block hook: attention only.",
+                   "have no block hook: attention only. PixArt: attention = its self-attention (queries, keys and "
+                   "values), transformer = whole blocks.",
     }),
 }
 _MODEL_OUT_TOOLTIP = "The model with importance-based token merging; the input model is left unchanged."
@@ -70,7 +72,7 @@ _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live pre
 
 
 # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
-ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen, lumina)
+ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen, lumina, pixart)
 
 
 def _patch(model, settings: MergeSettings, node_id=None):
@@ -148,7 +150,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             "merge_cross_attn": ("BOOLEAN", {
                 "default": False,
                 "tooltip": "Also run cross-attention (text) on the merged tokens: faster, slightly less faithful. "
-                           "(Always the case with scope = transformer.)",
+                           "(Always the case with scope = transformer.) UNet models and PixArt (the paper merges "
+                           "PixArt's cross-attention too).",
             }),
             "merge_seed": ("INT", {
                 "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
@@ -211,7 +214,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "of the count added to its attention logits, as in ToMe), so merged regions keep their "
                            "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "
                            "the unmerged image on the DiT demo models. Ignored on UNet models and with scope = "
-                           "transformer, where it measured worse (Z-Image / Lumina 2 always merge at the attention "
+                           "transformer, where it measured worse, and on PixArt (its attention kernel cannot be "
+                           "reached) (Z-Image / Lumina 2 always merge at the attention "
                            "site, so it applies there).",
             }),
         }, "hidden": _HIDDEN}

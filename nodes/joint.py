@@ -101,9 +101,7 @@ class ImageRuntime(JointRuntime):
 def grid_wrapper(executor, x, *args, **kwargs):
     """``DIFFUSION_MODEL`` / ``APPLY_MODEL`` wrapper: tells the runtime the image token grid and tail of this
     forward."""
-    options = kwargs.get("transformer_options")
-    if options is None:
-        options = next((a for a in args if isinstance(a, dict) and KEY in a), None)
+    options = forward_options(args, kwargs)
     runtime = runtime_of(options) if isinstance(options, dict) else None
     if not isinstance(runtime, JointRuntime):
         return executor(x, *args, **kwargs)
@@ -119,6 +117,14 @@ def grid_wrapper(executor, x, *args, **kwargs):
         return executor(x, *args, **kwargs)
     finally:
         runtime.grid, runtime.tail, runtime.latent_size, runtime.refusal = outer
+
+
+def forward_options(args: tuple, kwargs: dict) -> Optional[dict]:
+    """The transformer_options of a wrapped forward (a keyword, or APPLY_MODEL's positional dict)."""
+    options = kwargs.get("transformer_options")
+    if options is None:
+        options = next((a for a in args if isinstance(a, dict) and KEY in a), None)
+    return options
 
 
 def _cut(t: torch.Tensor, dim: int, start: int, image: int, kept: int) -> torch.Tensor:
@@ -319,10 +325,8 @@ def apply(model, settings: MergeSettings, runtime_type: type, live=None):
     import comfy.patcher_extension  # noqa: PLC0415 (host module)
 
     patched = model.clone()
-    remove_patches(patched, BlockMerge, JointAttentionOverride)
+    detach_all(patched)
     attach(patched, runtime_type(settings, patched.model, live=live), settings)
-    for kind in ("DIFFUSION_MODEL", "APPLY_MODEL"):
-        patched.remove_wrappers_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), WRAPPER_KEY)
     patched.add_wrapper_with_key(getattr(comfy.patcher_extension.WrappersMP, runtime_type.WRAPPER), WRAPPER_KEY,
                                  grid_wrapper)
     options = patched.model_options["transformer_options"]
@@ -336,6 +340,16 @@ def apply(model, settings: MergeSettings, runtime_type: type, live=None):
     else:
         options[OVERRIDE] = JointAttentionOverride(options.get(OVERRIDE))
     return patched
+
+
+def detach_all(patched) -> None:
+    """Take every joint-family patch off a clone: block replacements, attention override, runtime and wrappers (the
+    PixArt adapter's too: they share the wrapper key)."""
+    import comfy.patcher_extension  # noqa: PLC0415 (host module)
+
+    remove_patches(patched, BlockMerge, JointAttentionOverride)
+    for kind in ("DIFFUSION_MODEL", "APPLY_MODEL"):
+        patched.remove_wrappers_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), WRAPPER_KEY)
 
 
 def supports_class(model, module: str, name: str) -> bool:

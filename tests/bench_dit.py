@@ -10,8 +10,8 @@ HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, poo
 double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and Flux.1 dev (hidden 3072, 24 heads,
 MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
 specs have no frame count), SD3.5 large (width 2432, 38 heads, 154 text tokens of width 4096, pooled 2048; 38
-joint blocks in the real model; ``sd3@WxH``), Qwen-Image (``qwen@WxH``) and Z-Image (``zimage@WxH``, attention site
-only). A CPU run uses ``--layers`` of them
+joint blocks in the real model; ``sd3@WxH``), Qwen-Image (``qwen@WxH``), Z-Image (``zimage@WxH``, attention site
+only) and PixArt-alpha XL/2 (``pixart@WxH``; the paper's blocks: the middle half of ``--layers``). A CPU run uses ``--layers`` of them
 (default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
 are a fraction of a percent). Each measurement is one model evaluation (a cond+uncond batch; one row at ``--cfg 1``,
 where the importance rows use ``cfg1_mode = change``) inside ComfyUI's own sampler after the first step (importance
@@ -130,11 +130,50 @@ def build_zimage(layers: int, seed: int = 0):
     return model, conds[0], conds[1]
 
 
+def build_pixart(layers: int, seed: int = 0):
+    """PixArt-alpha XL/2 blocks (width 1152, 16 heads, MLP x4, 120 T5 tokens of width 4096, micro-conditions; 28
+    blocks in the real model, of which the paper merges 7-20: ``levels = auto`` merges the same share of ``layers``)."""
+    import torch
+    import comfy.supported_models
+    config = H.pixart_config(depth=layers, hidden=1152, heads=16, patch=2, text_dim=4096, text_tokens=120)
+    config.update(mlp_ratio=4.0, input_size=128, pe_interpolation=2.0)
+    model = H._build(comfy.supported_models.PixArtAlpha, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 120, 4096, generator=g), {}]] for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
 BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3, "qwen": build_qwen,
-            "zimage": build_zimage}
-IMAGE_MODELS = ("flux", "sd3", "qwen", "zimage")  # latents [1, 16, H/8, W/8]: model specs are arch@WxH
-# text tokens in the self-attention (never merged)
-TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154, "qwen": 256, "zimage": 128}
+            "zimage": build_zimage, "pixart": build_pixart}
+# latents [1, C, H/8, W/8]: model specs are arch@WxH
+IMAGE_MODELS = {"flux": 16, "sd3": 16, "qwen": 16, "zimage": 16, "pixart": 4}
+# text tokens in the self-attention (never merged; PixArt's text enters by cross-attention)
+TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154, "qwen": 256, "zimage": 128, "pixart": 0}
+
+
+def pixart_kernel_share(model, positive, negative, latent, cfg=5.0):
+    """:func:`kernel_share` for PixArt, whose attention calls carry no transformer_options: the self-attention
+    kernel calls (``skip_reshape``; cross-attention's are not) are timed by wrapping the PixArt blocks module's
+    ``optimized_attention`` for these two evaluations only (benchmark process, restored after)."""
+    import comfy.ldm.pixart.blocks as blocks
+
+    spent = {"kernel": 0.0}
+    original = blocks.optimized_attention
+
+    def timing(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        if kwargs.get("skip_reshape"):
+            spent["kernel"] += time.perf_counter() - start
+        return out
+
+    blocks.optimized_attention = timing
+    try:
+        start = time.perf_counter()
+        bench_speed.sample_steps(model, positive, negative, latent, steps=2, cfg=cfg)
+        return spent["kernel"], time.perf_counter() - start
+    finally:
+        blocks.optimized_attention = original
 
 
 def kernel_share(model, positive, negative, latent, cfg=5.0):
@@ -158,6 +197,16 @@ def kernel_share(model, positive, negative, latent, cfg=5.0):
     start = time.perf_counter()
     bench_speed.sample_steps(timed, positive, negative, latent, steps=2, cfg=cfg)
     return spent["kernel"], time.perf_counter() - start
+
+
+# PixArt's attention site also runs the self-attention's q / k / v and output projections (4 C² per token) on merged
+# tokens: their share of a block's non-kernel work (q / k / v / out 4 C², cross-attention q / out 2 C² + keys and values
+# of 120 text tokens, MLP 8 C²), counted in multiply-adds
+PIXART_PROJECTIONS = 4 / (4 + 2 + 8)
+
+
+def pixart_blocks(layers: int, levels: str):
+    return H.pack_module("nodes.pixart").merged_blocks(layers, levels)
 
 
 def main(argv=None) -> int:
@@ -217,7 +266,7 @@ def main(argv=None) -> int:
         arch, size = spec.split("@")
         if arch in IMAGE_MODELS:
             width, height = (int(v) for v in size.split("x"))
-            latent = torch.zeros(1, 16, height // 8, width // 8)
+            latent = torch.zeros(1, IMAGE_MODELS[arch], height // 8, width // 8)
             if arch == "qwen":  # Qwen-Image's latent has a frame axis
                 latent = latent[:, :, None]
         else:
@@ -226,6 +275,7 @@ def main(argv=None) -> int:
         tokens = latent[0, 0].numel() // 4  # 2x2 patches (per frame)
         model, positive, negative = BUILDERS[arch](args.layers)
         methods = [("none", 0.0, model)]
+        levels = {}  # (method, ratio) -> its levels setting (PixArt: which blocks merge)
         for ratio in ratios:
             for scope in args.scopes.split(","):
                 for importance in ("random", "cfg"):
@@ -240,6 +290,7 @@ def main(argv=None) -> int:
                             (patched,) = node.patch(model, **settings)
                         suffix = ("-transformer" if scope == "transformer" else "") + (f"[{label}]" if label else "")
                         methods.append((f"itm-{importance}{suffix}", ratio, patched))
+                        levels[methods[-1][:2]] = overrides.get("levels", settings["levels"])
         label = f"{arch}@{size} ({args.layers} blocks, {tokens} tokens)"
         print(f"[{label}] warm-up", flush=True)  # noqa: T201
         bench_speed.sample_steps(model, positive, negative, latent, steps=2, cfg=args.cfg)
@@ -250,7 +301,8 @@ def main(argv=None) -> int:
                 times[(name, ratio)] += steps
                 print(f"[{label}] rep {rep + 1}/{args.reps} {name:>10} r={ratio:.1f}: "  # noqa: T201
                       + ", ".join(f"{s:.2f}s" for s in steps), flush=True)
-        kernel, total = kernel_share(model, positive, negative, latent, cfg=args.cfg)
+        kernel, total = (pixart_kernel_share if arch == "pixart" else kernel_share)(model, positive, negative, latent,
+                                                                                  cfg=args.cfg)
         share = kernel / total if total else 0.0
         base = statistics.median(times[("none", 0.0)])
         for (name, ratio), values in times.items():
@@ -263,6 +315,10 @@ def main(argv=None) -> int:
                 ideal = share * kernel_saving
                 if "-transformer" in name:  # upper bound: everything but the kernel counted as block work
                     ideal += (1 - share) * ratio * tokens / (text + tokens)
+                elif arch == "pixart":  # PixArt's attention site merges before the q / k / v projections too
+                    ideal += (1 - share) * ratio * PIXART_PROJECTIONS
+                if arch == "pixart":  # only the merged blocks save
+                    ideal *= len(pixart_blocks(args.layers, levels[(name, ratio)])) / args.layers
             rows.append({
                 "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,
                 "s_per_eval": bench_speed.fmt(values), "median_s": round(med, 3),

@@ -47,7 +47,8 @@ import comfy_harness as H  # noqa: E402
 
 def boot_demo(kind: str = "unet"):
     """Boot the tests' ComfyUI host (pinned, or the first root of COMFYUI_PATH) with PyTorch SDPA attention, without
-    autograd, and load a bundled demo model (``unet``; ``dit``: the Qwen-Image-class one, current ComfyUI only):
+    autograd, and load a bundled demo model (``unet``; current ComfyUI only: ``dit``, the Qwen-Image-class one, and
+    ``pixart``, the PixArt-alpha-class one):
     (host info, demo module, MODEL, class table, weights metadata)."""
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
     info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
@@ -55,7 +56,8 @@ def boot_demo(kind: str = "unet"):
 
     torch.set_grad_enabled(False)
     demo = H.pack_module("nodes.demo_model")
-    model, clip, _, metadata = (demo.load_demo_dit_model if kind == "dit" else demo.load_demo_model)()
+    loader = {"unet": demo.load_demo_model, "dit": demo.load_demo_dit_model, "pixart": demo.load_demo_pixart_model}[kind]
+    model, clip, _, metadata = loader()
     return info, demo, model, clip.table, metadata
 
 
@@ -145,7 +147,8 @@ def generate(model, table, classes, seeds, args):
 
     out = []
     null = table[-1][None, None, :]
-    shape = (16, 1, 32, 32) if args.model == "dit" else (4, 32, 32)  # the DiT demo: Qwen-Image's 5-D latent
+    # the DiT demo: Qwen-Image's 5-D latent; the PixArt demo: 64x64, each garment pixel a 2x2 block
+    shape = {"dit": (16, 1, 32, 32), "pixart": (4, 64, 64)}.get(args.model, (4, 32, 32))
     for start in range(0, len(classes), args.chunk):
         cls = classes[start:start + args.chunk]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
@@ -157,15 +160,18 @@ def generate(model, table, classes, seeds, args):
                                       negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
         if args.model == "dit":  # model space, one frame: the channels all hold the image
             samples = model.model.process_latent_in(samples)[:, :, 0]
+        elif args.model == "pixart":  # model space, back to the 32x32 garment the metrics read
+            samples = torch.nn.functional.avg_pool2d(model.model.process_latent_in(samples), 2)
         out.append(to_image(samples.cpu()))
     return torch.cat(out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("unet", "dit"), default="unet",
-                        help="unet: the UNet demo model (both hosts); dit: the Qwen-Image-class DiT demo model "
-                             "(current ComfyUI; no builtin method there: ComfyUI's TomePatchModel is UNet-only)")
+    parser.add_argument("--model", choices=("unet", "dit", "pixart"), default="unet",
+                        help="unet: the UNet demo model (both hosts); dit: the Qwen-Image-class DiT demo model; "
+                             "pixart: the PixArt-alpha-class demo model (both current ComfyUI only; no builtin "
+                             "method there: ComfyUI's TomePatchModel is UNet-only)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--methods", default="none,builtin,itm-random,itm-cfg")

@@ -624,6 +624,32 @@ def tiny_lumina_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["cap_feat_dim"], None, seed + 1, tokens=10))
 
 
+def pixart_config(depth: int = 4, hidden: int = 96, heads: int = 4, patch: int = 8, text_dim: int = 32,
+                  text_tokens: int = 10, kv_compress: bool = False) -> dict:
+    """A PixArt-alpha config (ComfyUI's PixArtMS; the real model: depth 28, width 1152, 16 heads, patch 2, T5 4096,
+    120 tokens). PixArt's position embedding needs a latent of at least 33x33 on average, so the tests use 384x256
+    images (48x32 latents) with an 8x8 patch: 6x4 = 24 tokens. ``kv_compress``: PixArt-Sigma's key/value
+    compression (2x2 'conv') in blocks 0 and 1."""
+    config = {"image_model": "pixart_alpha", "input_size": 32, "patch_size": patch, "in_channels": 4,
+              "hidden_size": hidden, "depth": depth, "num_heads": heads, "mlp_ratio": 2.0, "pred_sigma": True,
+              "learn_sigma": True, "caption_channels": text_dim, "model_max_length": text_tokens,
+              "micro_condition": True, "pe_interpolation": None}
+    if kv_compress:
+        config["kv_compress_config"] = {"sampling": "conv", "scale_factor": 2, "kv_compress_layer": [0, 1]}
+    return config
+
+
+def tiny_pixart_model(seed: int = 0, device=None, **config):
+    """A tiny PixArt-alpha model (comfy.supported_models.PixArtAlpha; current ComfyUI only) and two conditionings
+    (10 text tokens). Latents are [B, 4, H, W] (EmptyLatentImage)."""
+    if _need_boot() != "modern":
+        raise RuntimeError("PixArt exists only in current ComfyUI")
+    import comfy.supported_models
+    cfg = pixart_config(**config)
+    model = _build(comfy.supported_models.PixArtAlpha, cfg, seed, device)
+    return (model, *_cond(cfg["caption_channels"], None, seed + 1, tokens=cfg["model_max_length"]))
+
+
 def full_svd_model(frames: int, width: int, height: int, seed: int = 0, device=None):
     """A real-size SVD UNet (random initialised weights) and SVD_img2vid_Conditioning-style conditioning."""
     import torch

@@ -354,6 +354,59 @@ class HostTestTinyLuminaModel:
         return _boot().tiny_lumina_model(seed=seed, layers=layers, zimage=zimage)
 
 
+class HostTestTinyPixArtModel:
+    """A tiny PixArt-alpha model (ComfyUI's PixArtMS, 24 tokens at 384x256) with two conditionings; current ComfyUI
+    only. kv_compress: PixArt-Sigma's key/value compression in blocks 0 and 1."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "depth": ("INT", {"default": 4, "min": 1, "max": 28}),
+                             "kv_compress": ("BOOLEAN", {"default": False})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, depth, kv_compress):
+        return _boot().tiny_pixart_model(seed=seed, depth=depth, kv_compress=kv_compress)
+
+
+class HostTestModuleRecorder(_ModelProbe):
+    """MODEL -> MODEL: while each forward runs (an APPLY_MODEL wrapper on the clone), forward hooks on the diffusion
+    model's submodules record what every call of the named classes received: RECORDS[unique_id] is a list of dicts
+    (name = the module's path, cls, tokens = its first argument's dim 1, rows). For models whose attention calls
+    carry no transformer_options (PixArt)."""
+
+    RECORDS = {}
+    CLASSES = ("AttentionKVCompress", "MultiHeadCrossAttention", "PixArtMSBlock")
+
+    def probe(self, model, unique_id=None):
+        import comfy.patcher_extension
+
+        records = HostTestModuleRecorder.RECORDS.setdefault(str(unique_id), [])
+        records.clear()
+
+        def wrapper(executor, *args, **kwargs):
+            net = executor.class_obj.diffusion_model
+            handles = []
+            for name, module in net.named_modules():
+                if type(module).__name__ in HostTestModuleRecorder.CLASSES:
+                    def record(mod, args, output, name=name):
+                        records.append({"name": name, "cls": type(mod).__name__, "tokens": int(args[0].shape[1]),
+                                        "rows": int(args[0].shape[0])})
+                    handles.append(module.register_forward_hook(record))
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "host_test_recorder", wrapper)
+        return (m,)
+
+
 class HostTestAttentionRecorder(_ModelProbe):
     """MODEL -> MODEL: sets ComfyUI's attention override (current ComfyUI) to one that records every attention call
     (q / k / v token counts, rows, block_index, channels per head and head 0's last q / k channel) and runs it
@@ -453,6 +506,8 @@ NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
 NODE_CLASS_MAPPINGS["HostTestTinySD3Model"] = HostTestTinySD3Model
 NODE_CLASS_MAPPINGS["HostTestTinyQwenModel"] = HostTestTinyQwenModel
 NODE_CLASS_MAPPINGS["HostTestTinyLuminaModel"] = HostTestTinyLuminaModel
+NODE_CLASS_MAPPINGS["HostTestTinyPixArtModel"] = HostTestTinyPixArtModel
+NODE_CLASS_MAPPINGS["HostTestModuleRecorder"] = HostTestModuleRecorder
 NODE_CLASS_MAPPINGS["HostTestAttentionRecorder"] = HostTestAttentionRecorder
 NODE_CLASS_MAPPINGS["HostTestRuntimeProbe"] = HostTestRuntimeProbe
 NODE_CLASS_MAPPINGS["HostTestAttnProbe"] = HostTestAttnProbe

@@ -1,6 +1,7 @@
 """Train the pack's small demo model: a class-conditional Fashion-MNIST diffusion model made of ComfyUI's own UNet.
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python workflows/demo_model/train.py [--minutes 45] [--seed 0]
+        [--family unet|pixart]
 
 Needs a current ComfyUI (COMFYUI_PATH): the 2024 host's transformer blocks add residuals in place, which autograd
 refuses. The weights it writes load on both hosts.
@@ -13,6 +14,9 @@ refuses. The weights it writes load on both hosts.
   scaled-linear 1000-step schedule) with a small UNet config (``DEMO_UNET`` in the pack's nodes/demo_model.py, which loads the result): self-attention at the full
   32×32 = 1024-token level and at 16×16, cross-attention to a learned class embedding (10 classes + a null class for
   classifier-free guidance, dropped 10% of the time).
+* ``--family pixart``: ComfyUI's PixArt-alpha class (``supported_models.PixArtAlpha`` → ``model_base.PixArt``, eps
+  prediction, the linear 1000-step schedule) with ``DEMO_PIXART``: the same data at twice the size (64×64 latent,
+  each garment pixel a 2×2 block; 4×4 patches = 256 tokens), written to ``fashion_pixart.safetensors``.
 * Training: eps-prediction MSE on ComfyUI's own sigmas (uniform timesteps), AdamW, EMA of the weights; PyTorch's
   scaled_dot_product_attention in fp32 on the CPU (ComfyUI is booted with --use-pytorch-cross-attention); a fixed
   wall-clock budget. Seed, budget, data and settings are stored in the file's metadata.
@@ -34,13 +38,23 @@ sys.path.insert(0, HERE)
 from fashion_data import load_images, to_latent  # noqa: E402
 
 
-def build_model(demo, seed: int = 0):
+FAMILIES = {  # --family: (patcher builder in nodes.demo_model, its config there, default output file)
+    "unet": ("build_unet_patcher", "DEMO_UNET", "fashion_unet.safetensors"),
+    "pixart": ("build_pixart_patcher", "DEMO_PIXART", "fashion_pixart.safetensors"),
+}
+
+
+def build_model(demo, seed: int = 0, family: str = "unet"):
     """(ModelPatcher, class embedding table [11, CONTEXT_DIM]) with freshly initialised weights."""
     import torch
     import comfy_harness
 
-    patcher = demo.build_unet_patcher(None, load_device=torch.device("cpu"))
+    patcher = getattr(demo, FAMILIES[family][0])(None, load_device=torch.device("cpu"))
     comfy_harness.init_weights_(patcher.model.diffusion_model, seed=seed)
+    if family == "pixart":  # start the output head at zero (an eps of 0 is a safe start)
+        for name, param in patcher.model.diffusion_model.named_parameters():
+            if name.startswith("final_layer.linear"):
+                torch.nn.init.zeros_(param)
     generator = torch.Generator().manual_seed(seed + 1)
     table = torch.nn.Parameter(torch.randn(len(demo.CLASSES) + 1, demo.CONTEXT_DIM, generator=generator) * 0.5)
     return patcher, table
@@ -54,8 +68,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up steps")
     parser.add_argument("--save-every", type=float, default=10.0, help="minutes between intermediate saves")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(HERE, "fashion_unet.safetensors"))
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="unet", help="model class to train")
+    parser.add_argument("--out", default=None, help="weights file (default: the family's file next to this script)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, FAMILIES[args.family][2])
 
     import comfy_harness
 
@@ -69,8 +85,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     images, labels = load_images("train")
     data = to_latent(images)
+    upscale = 2 if args.family == "pixart" else 1  # pixart: 64x64, each pixel a 2x2 latent block (made per batch)
     demo = comfy_harness.pack_module("nodes.demo_model")
-    patcher, table = build_model(demo, args.seed)
+    patcher, table = build_model(demo, args.seed, args.family)
     unet = patcher.model.diffusion_model
     sampling = patcher.model.model_sampling
     unet.train()
@@ -91,9 +108,11 @@ def main(argv=None):
         recent = losses[-200:]
         metadata = {
             "format": "importance-token-merging demo model v1",
-            "unet_config": json.dumps(demo.DEMO_UNET), "classes": json.dumps(demo.CLASSES),
+            "family": args.family,
+            "unet_config": json.dumps(getattr(demo, FAMILIES[args.family][1])), "classes": json.dumps(demo.CLASSES),
             "context_dim": str(demo.CONTEXT_DIM),
-            "data": "Fashion-MNIST train (60k, MIT), padded 28->32, repeated over 4 channels, range [-1, 1]",
+            "data": "Fashion-MNIST train (60k, MIT), padded 28->32, repeated over 4 channels, range [-1, 1]"
+                    + (", each pixel a 2x2 block (64x64)" if upscale > 1 else ""),
             "training": json.dumps({
                 "seed": args.seed, "minutes": args.minutes, "elapsed_minutes": round((time.time() - start) / 60, 1),
                 "final": final, "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
@@ -110,6 +129,8 @@ def main(argv=None):
     while time.time() - start < budget:
         index = torch.randint(len(data), (args.batch,), generator=generator)
         x0, label = data[index], labels[index].clone()
+        if upscale > 1:
+            x0 = x0.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
         label[torch.rand(args.batch, generator=generator) < 0.1] = demo.NULL_CLASS  # CFG dropout → null class
         timestep = torch.randint(0, 1000, (args.batch,), generator=generator)
         sigma = sampling.sigmas[timestep].float()

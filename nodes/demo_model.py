@@ -117,7 +117,8 @@ class DemoTextEncoder:
 
 
 class DemoImageCodec:
-    """VAE stand-in: the 4 latent channels carry one grayscale image in [-1, 1]; images are 8× the latent size."""
+    """VAE stand-in: the 4 latent channels carry one grayscale image, in [-1, 1] in model space (ComfyUI's SD1.5 latent
+    format: the latent is model space / 0.18215); images are 8× the latent size."""
 
     downscale_ratio = 8
     upscale_ratio = 8
@@ -130,8 +131,15 @@ class DemoImageCodec:
     def spacial_compression_encode(self):
         return 8
 
+    @staticmethod
+    def _scale() -> float:
+        import comfy.latent_formats  # noqa: PLC0415 (host module)
+
+        return comfy.latent_formats.SD15().scale_factor
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        gray = ((samples.float().cpu().mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
+        model_space = samples.float().cpu() * self._scale()
+        gray = ((model_space.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
         up = F.interpolate(gray, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
         return up[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
 
@@ -140,7 +148,7 @@ class DemoImageCodec:
             raise ValueError(f"the demo model's images must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
         gray = pixels[..., :3].float().mean(dim=-1)[:, None]
         small = F.avg_pool2d(gray, 8) * 2.0 - 1.0
-        return small.expand(-1, 4, -1, -1).contiguous()
+        return (small / self._scale()).expand(-1, 4, -1, -1).contiguous()
 
 
 class DemoVideoCodec:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Tuple
 
+import torch
+
 from ..merging import TokenGrid
 from . import joint
 from .runtime import attach, runtime_of
@@ -60,6 +62,7 @@ class PixArtRuntime(joint.ImageRuntime):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hooked = False  # hooks are on the blocks (a forward inside a forward adds none)
+        self.current: Optional[dict] = None  # the forward the hooks serve: its transformer_options (a copy per call)
 
     def read_input(self, model, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
         net = getattr(model, "diffusion_model", None)
@@ -73,33 +76,35 @@ class PixArtRuntime(joint.ImageRuntime):
         if s.tiles != "1x1" or s.temporal_ratio > 0:
             self.note("unet-only", "tiles and temporal_ratio apply to UNet models; ignored on PixArt")
 
-    def hook(self, net, options: dict) -> list:
-        """Register this forward's hooks on ``net``'s merged blocks; returns their handles."""
+    def hook(self, net, handles: list) -> None:
+        """Register the hooks of ``net``'s merged blocks, appending their handles to ``handles`` as it goes."""
         s = self.settings
-        handles = []
+        self.hooked = True
         for index in merged_blocks(len(net.blocks), s.levels):
             block = net.blocks[index]
             if getattr(block.attn, "sr_ratio", 1) > 1:
                 self.note("kv", "blocks with key/value compression (PixArt-Sigma sr_ratio > 1) are left unmerged")
                 continue
             if s.scope == "transformer":
-                handles += _merge_around(block, self, options, "block", index, residual=True)
+                _merge_around(block, self, "block", index, True, handles)
                 continue
-            handles += _merge_around(block.attn, self, options, "self", index, residual=False)
+            _merge_around(block.attn, self, "self", index, False, handles)
             if s.merge_cross_attn:  # the same partition (same kind and block)
-                handles += _merge_around(block.cross_attn, self, options, "self", index, residual=False)
-        self.hooked = True
-        return handles
+                _merge_around(block.cross_attn, self, "self", index, False, handles)
 
 
-def _merge_around(module, runtime: PixArtRuntime, options: dict, kind: str, index: int, residual: bool) -> list:
+def _merge_around(module, runtime: PixArtRuntime, kind: str, index: int, residual: bool, handles: list) -> None:
     """Hooks that run ``module`` on merged tokens (its first argument, [B, N, C]) and give back all tokens: the output
-    unmerged, or with ``residual`` every token's input plus its slot's update."""
+    unmerged, or with ``residual`` every token's input plus its slot's update. They act for the forward the runtime
+    is serving (``runtime.current``); the partition is refused (noted) when the tokens are not the grid's."""
     flight = []  # (plan, input, merged input) of the calls in progress
 
     def before(mod, args, kwargs):
-        x = args[0]
-        plan = runtime.plan(x.shape[1], lambda: x, options, kind, index)
+        options = runtime.current
+        x = args[0] if args else None
+        plan = None
+        if options is not None and isinstance(x, torch.Tensor) and x.ndim == 3:
+            plan = runtime.plan(x.shape[1], lambda: x, options, kind, index)
         if plan is None:
             flight.append(None)
             return None
@@ -108,7 +113,7 @@ def _merge_around(module, runtime: PixArtRuntime, options: dict, kind: str, inde
         return (merged,) + tuple(args[1:]), kwargs
 
     def after(mod, args, kwargs, output):
-        entry = flight.pop()
+        entry = flight.pop() if flight else None
         if entry is None:
             return None
         plan, x, merged = entry
@@ -117,24 +122,34 @@ def _merge_around(module, runtime: PixArtRuntime, options: dict, kind: str, inde
             return x + plan.partition.unmerge(output - merged)
         return plan.partition.unmerge(output)
 
-    return [module.register_forward_pre_hook(before, with_kwargs=True),
-            module.register_forward_hook(after, with_kwargs=True)]
+    handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+    handles.append(module.register_forward_hook(after, with_kwargs=True))
 
 
 def hook_wrapper(executor, x, *args, **kwargs):
-    """``APPLY_MODEL`` wrapper: the forward runs with the merging hooks on its blocks (and the grid known)."""
+    """``APPLY_MODEL`` wrapper: the forward runs with the merging hooks on its blocks (and the grid known). The hooks
+    serve a copy of this call's transformer_options, so every call (also several through one options dict) is a
+    forward of its own; a forward inside it (another wrapper's) finds the hooks already there and adds none."""
     options = joint.forward_options(args, kwargs)
     runtime = runtime_of(options) if isinstance(options, dict) else None
     net = getattr(executor.class_obj, "diffusion_model", None)
-    if not isinstance(runtime, PixArtRuntime) or runtime.hooked or not hasattr(net, "blocks"):
+    if not isinstance(runtime, PixArtRuntime) or not hasattr(net, "blocks"):
         return joint.grid_wrapper(executor, x, *args, **kwargs)
-    handles = runtime.hook(net, options)
+    if hasattr(net, "_orig_mod") or "torch.compile" in options.get("wrappers", {}).get("apply_model", {}):
+        runtime.note("compile", "PixArt with TorchCompileModel runs unmerged: the compiled graph would be traced "
+                     "again for every forward's hooks")
+        return joint.grid_wrapper(executor, x, *args, **kwargs)
+    outer, hooked = runtime.current, runtime.hooked
+    runtime.current = dict(options)
+    handles = []
     try:
+        if not hooked:
+            runtime.hook(net, handles)
         return joint.grid_wrapper(executor, x, *args, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        runtime.hooked = False
+        runtime.current, runtime.hooked = outer, hooked
 
 
 def apply(model, settings: MergeSettings, live=None):

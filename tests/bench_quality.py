@@ -158,10 +158,11 @@ def generate(model, table, classes, seeds, args):
         latent = torch.zeros_like(noise)
         samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
                                       negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
-        if args.model == "dit":  # model space, one frame: the channels all hold the image
-            samples = model.model.process_latent_in(samples)[:, :, 0]
-        elif args.model == "pixart":  # model space, back to the 32x32 garment the metrics read
-            samples = torch.nn.functional.avg_pool2d(model.model.process_latent_in(samples), 2)
+        samples = model.model.process_latent_in(samples)  # the latent format's model space: the gray image
+        if args.model == "dit":  # one frame: the channels all hold the image
+            samples = samples[:, :, 0]
+        elif args.model == "pixart":  # back to the 32x32 garment the metrics read
+            samples = torch.nn.functional.avg_pool2d(samples, 2)
         out.append(to_image(samples.cpu()))
     return torch.cat(out)
 

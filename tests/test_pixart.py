@@ -98,7 +98,9 @@ def test_cross_attention_and_every_block(comfy):
     merges every block."""
     H.run_prompt(pixart_graph(advanced=dict(ADVANCED, merge_cross_attn=True)).prompt)
     assert tokens_by("MultiHeadCrossAttention") == {0: {24}, 1: {12}, 2: {12}, 3: {24}}
-    assert last_run().merged_calls == 3 * 4 and last_run().fallbacks == []
+    run = last_run()
+    assert run.merged_calls == 3 * 4 and run.fallbacks == []
+    assert run.partitions == 3  # one per step: self- and cross-attention of both blocks share it
     H.run_prompt(pixart_graph(merge=dict(SIMPLE, levels="auto+1")).prompt)
     assert tokens_by("AttentionKVCompress") == {b: {12} for b in range(4)}
 
@@ -124,11 +126,13 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, scope):
     merge = dict(SIMPLE, scope=scope)
     H.run_prompt(pixart_graph(merge=merge, batch=2).prompt)
     joint = latent("out").clone()
+    assert last_run().merged_calls == 3 * 2
     import comfy.model_management as mm
 
     monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
     H.run_prompt(pixart_graph(merge=merge, batch=2).prompt)
     assert {r["rows"] for r in records()} == {2}  # two samples; cond and uncond now in separate calls
+    assert last_run().merged_calls == 3 * 2 * 2  # each block twice per step now: the cond call and the uncond call
     assert relative(latent("out"), joint) < 1e-5, relative(latent("out"), joint)
 
 
@@ -145,11 +149,85 @@ def test_importance_decides_the_partition(comfy):
 
 
 def test_a_second_node_replaces_the_first(comfy):
-    """Two merging nodes in a row (or a re-queued graph) merge once, with the last node's settings."""
-    H.run_prompt(pixart_graph(merge=dict(SIMPLE, ratio=0.25), twice=False).prompt)
+    """Two merging nodes in a row (or a re-queued graph) merge once, with the last node's settings: one wrapper, one
+    capture hook, one runtime on the model."""
+    nodes = H.pack_module("nodes.image_nodes")
+    model = H.tiny_pixart_model()[0]
+    (first,) = nodes.ImportanceTokenMerging().patch(model, **dict(SIMPLE, ratio=0.25))
+    (second,) = nodes.ImportanceTokenMerging().patch(first, **SIMPLE)
+    runtime = H.pack_module("nodes.runtime")
+    assert len(second.wrappers["apply_model"][H.pack_module("nodes.joint").WRAPPER_KEY]) == 1
+    assert sum(isinstance(f, runtime.ImportanceCapture) for f in second.model_options["sampler_post_cfg_function"]) == 1
+    assert second.model_options["transformer_options"][runtime.KEY].settings.ratio == 0.5
+    assert not model.model_options.get("sampler_post_cfg_function")  # the input model is untouched
     H.run_prompt(pixart_graph(twice=True).prompt)
     assert tokens_by("AttentionKVCompress") == {0: {24}, 1: {12}, 2: {12}, 3: {24}}
-    assert last_run().merged_calls == 3 * 2
+    assert last_run().merged_calls == 3 * 2 and last_run().maps_captured == 3
+
+
+def test_hooks_are_removed_when_a_forward_fails(comfy):
+    """A forward that raises inside a merged block leaves no hook on the shared modules, and the next run merges."""
+    nodes = H.pack_module("nodes.image_nodes")
+    model, positive, negative = H.tiny_pixart_model()
+    (patched,) = nodes.ImportanceTokenMerging().patch(model, **SIMPLE)
+    net = model.model.diffusion_model
+    import comfy.sample
+
+    def boom(module, args, output):
+        raise RuntimeError("a failing block")
+
+    failing = net.blocks[2].mlp.register_forward_hook(boom)
+    noise = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(0))
+    try:
+        with pytest.raises(RuntimeError, match="a failing block"):
+            comfy.sample.sample(patched, noise, 2, 4.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                                disable_pbar=True, seed=0)
+    finally:
+        failing.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+    runtime = patched.model_options["transformer_options"][H.pack_module("nodes.runtime").KEY]
+    assert runtime.hooked is False and runtime.current is None
+    out = comfy.sample.sample(patched, noise, 2, 4.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                              disable_pbar=True, seed=0)
+    assert torch.isfinite(out).all() and runtime.summaries()[-1].merged_calls == 2 * 2
+
+
+def test_unmerged_and_merged_samplers_in_one_graph(comfy):
+    """The same PixArt sampled unmerged and merged in one graph: the unmerged sampler's image is the plain model's
+    (hooks live only inside the merged clone's forwards)."""
+    reference = unmerged()
+    g = pixart_graph()
+    g.add("KSampler", "plain", model=["rec", 0], positive=[g.prompt["sampler"]["inputs"]["positive"][0], 1],
+          negative=[g.prompt["sampler"]["inputs"]["negative"][0], 2], latent_image=g.prompt["sampler"]["inputs"]
+          ["latent_image"], seed=3, steps=3, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    g.add("HostTestLatentStats", "plain_out", samples=["plain", 0])
+    H.run_prompt(g.prompt)
+    torch.testing.assert_close(latent("plain_out"), reference)
+    assert relative(latent("out"), reference) > 1e-5
+
+
+def test_whole_block_residual_keeps_each_tokens_input(comfy):
+    """scope = transformer: a block that changes nothing gives back every token's own input exactly (each token adds
+    its slot's update, here 0, to its own input; unmerging the output would give slot means)."""
+    pixart = H.pack_module("nodes.pixart")
+    settings = H.pack_module("nodes.settings").MergeSettings(scope="transformer", importance="random")
+    model = H.tiny_pixart_model()[0]
+    runtime = pixart.PixArtRuntime(settings, model.model)
+    identity = torch.nn.Identity()
+    handles = []
+    pixart._merge_around(identity, runtime, "block", 0, True, handles)
+    runtime.grid, runtime.tail, runtime.latent_size = H.pack_module("merging").TokenGrid(4, 6), 0, (32, 48)
+    runtime.current = {"cond_or_uncond": [0], "sigmas": torch.tensor([1.0])}
+    try:
+        x = torch.randn(1, 24, 8, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(identity(x), x)
+        assert runtime.run.summary.merged_calls == 1
+        unmerging = torch.nn.Identity()  # the attention site's form: the output unmerged (slot means)
+        pixart._merge_around(unmerging, runtime, "self", 0, False, handles)
+        assert (unmerging(x) - x).abs().amax() > 1e-3
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def test_kv_compressed_blocks_get_no_hooks_with_a_note(comfy):
@@ -160,8 +238,9 @@ def test_kv_compressed_blocks_get_no_hooks_with_a_note(comfy):
     settings = H.pack_module("nodes.settings").MergeSettings(levels="auto+1")
     model = H.tiny_pixart_model(kv_compress=True)[0]
     runtime = pixart.PixArtRuntime(settings, model.model)
-    handles = runtime.hook(model.model.diffusion_model, {})
+    handles = []
     try:
+        runtime.hook(model.model.diffusion_model, handles)
         hooked = [i for i, b in enumerate(model.model.diffusion_model.blocks) if b.attn._forward_pre_hooks]
         assert hooked == [2, 3] and len(handles) == 4
         assert any("key/value compression" in f for f in runtime.run.summary.fallbacks)

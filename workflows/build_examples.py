@@ -32,7 +32,8 @@ WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less 
 # workflows whose core node types exist only in current ComfyUI: written only when booted on one (COMFYUI_PATH),
 # skipped with a reason by tests/test_workflows.py on the 2024 host
 CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
-                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json", "zimage_turbo_t2i.json")
+                "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json", "zimage_turbo_t2i.json",
+                "pixart_sigma_t2i.json")
 FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
@@ -473,6 +474,24 @@ def zimage_turbo_t2i(schema):
                       "qwen_3_4b, ae.")
 
 
+def pixart_sigma_t2i(schema):
+    """PixArt-Σ text to image (1024x1024), cfg 4.5: the paper's DiT, merged at the paper's site and blocks."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("UNETLoader", (40, 40), unet_name="PixArt-Sigma-XL-2-1024-MS.pth", weight_dtype="default")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **MERGE)
+    b.link(loader, 0, merge, "model")
+    clip = b.add("CLIPLoader", (40, 300), clip_name="t5xxl_fp16.safetensors", type="pixart", device="default")
+    vae = b.add("VAELoader", (40, 520), vae_name="sdxl_vae.safetensors")
+    pos, neg = prompt_pair(b, clip, (400, 620), NEGATIVE)
+    latent = b.add("EmptyLatentImage", (420, 840), width=1024, height=1024, batch_size=1)
+    sample_decode_save(b, (merge, 0), (pos, 0), (neg, 0), (latent, 0), (vae, 0), "importance_tome_pixart_sigma",
+                       steps=20, cfg=4.5, sampler_name="euler", scheduler="normal")
+    return b.workflow("PixArt-Sigma text to image (1024x1024 = 64x64 image tokens), the paper's DiT: the "
+                      "self-attention of the middle half of the blocks (levels = auto: 7-20 of 28) runs on half of "
+                      "the tokens, chosen by the CFG importance map of the previous step. Models: "
+                      "PixArt-Sigma-XL-2-1024-MS, t5xxl_fp16, sdxl_vae.")
+
+
 def animatediff(schema):
     """SD1.5 + AnimateDiff-Evolved: 32 frames in context windows of 16; every window is merged with the importance
     map rows of its own frames."""
@@ -528,7 +547,8 @@ def examples(schema, animatediff_nodes=False, current=True):
                       "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
                       "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema),
                       "sd35_t2i.json": sd35_t2i(schema), "qwen_image_t2i.json": qwen_image_t2i(schema),
-                      "zimage_turbo_t2i.json": zimage_turbo_t2i(schema)})
+                      "zimage_turbo_t2i.json": zimage_turbo_t2i(schema),
+                      "pixart_sigma_t2i.json": pixart_sigma_t2i(schema)})
     return {
         **extra,
         "svd_img2vid.json": video(schema, "svd"),

@@ -57,15 +57,16 @@ DEMO_QWEN = {
     "axes_dims_rope": [8, 12, 12],
 }
 # the PixArt demo model: ComfyUI's PixArt-alpha class (the paper's DiT: self-attention over image tokens, cross-
-# attention to the text, absolute positions added once) with 8 blocks of width 128; its latent is the UNet demo's
-# SD1.5 layout at twice the size (a 512x512 image, 64x64 latent, every garment pixel a 2x2 latent block) with a 4x4
-# patch, so an image is 16x16 = 256 tokens (PixArt's position embedding needs a latent of at least 33x33)
+# attention to the text, absolute positions added once) with 8 blocks of width 128, v-prediction; its latent is the
+# UNet demo's SD1.5 layout at 40x40 (a 320x320 image; the 32x32 garment scaled by 1.25) with PixArt's 2x2 patch, so an
+# image is 20x20 = 400 tokens (PixArt's position embedding needs a latent of at least 33x33)
 DEMO_PIXART = {
-    "image_model": "pixart_alpha", "input_size": 64, "patch_size": 4, "in_channels": 4, "hidden_size": 128,
+    "image_model": "pixart_alpha", "input_size": 40, "patch_size": 2, "in_channels": 4, "hidden_size": 128,
     "depth": 8, "num_heads": 4, "mlp_ratio": 3.0, "class_dropout_prob": 0.0, "pred_sigma": False,
     "learn_sigma": False, "caption_channels": CONTEXT_DIM, "model_max_length": 1, "micro_condition": False,
     "pe_interpolation": None,
 }
+PIXART_LATENT = 40
 # words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
 _ALIASES = {
     "t-shirt": 0, "t shirt": 0, "tshirt": 0, "top": 0, "trousers": 1, "trouser": 1, "pants": 1, "jeans": 1,
@@ -117,8 +118,7 @@ class DemoTextEncoder:
 
 
 class DemoImageCodec:
-    """VAE stand-in: the 4 latent channels carry one grayscale image, in [-1, 1] in model space (ComfyUI's SD1.5 latent
-    format: the latent is model space / 0.18215); images are 8× the latent size."""
+    """VAE stand-in: the 4 latent channels carry one grayscale image in [-1, 1]; images are 8× the latent size."""
 
     downscale_ratio = 8
     upscale_ratio = 8
@@ -131,15 +131,8 @@ class DemoImageCodec:
     def spacial_compression_encode(self):
         return 8
 
-    @staticmethod
-    def _scale() -> float:
-        import comfy.latent_formats  # noqa: PLC0415 (host module)
-
-        return comfy.latent_formats.SD15().scale_factor
-
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        model_space = samples.float().cpu() * self._scale()
-        gray = ((model_space.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
+        gray = ((samples.float().cpu().mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
         up = F.interpolate(gray, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
         return up[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
 
@@ -148,7 +141,7 @@ class DemoImageCodec:
             raise ValueError(f"the demo model's images must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
         gray = pixels[..., :3].float().mean(dim=-1)[:, None]
         small = F.avg_pool2d(gray, 8) * 2.0 - 1.0
-        return (small / self._scale()).expand(-1, 4, -1, -1).contiguous()
+        return small.expand(-1, 4, -1, -1).contiguous()
 
 
 class DemoVideoCodec:
@@ -268,13 +261,21 @@ def build_qwen_patcher(state: Optional[dict] = None, load_device=None):
 
 
 def build_pixart_patcher(state: Optional[dict] = None, load_device=None):
-    """A ComfyUI ModelPatcher for the PixArt demo architecture (PixArt-alpha class, :data:`DEMO_PIXART`)."""
+    """A ComfyUI ModelPatcher for the PixArt demo architecture (PixArt-alpha class, :data:`DEMO_PIXART`), with
+    v-prediction (a first eps-predicting try with 4x4 patches on a 64x64 latent stayed speckled after 45 CPU minutes
+    of training)."""
     import comfy.supported_models  # noqa: PLC0415 (host module)
 
     if not hasattr(comfy.supported_models, "PixArtAlpha"):
         raise RuntimeError("the PixArt demo model needs a ComfyUI with PixArt models (0.3.7 or later)")
-    config = comfy.supported_models.PixArtAlpha(dict(DEMO_PIXART))
-    return _patcher(config, state, load_device)
+    import comfy.model_base  # noqa: PLC0415 (host module)
+
+    class VPredictionPixArt(comfy.supported_models.PixArtAlpha):
+        def get_model(self, state_dict, prefix="", device=None):
+            return comfy.model_base.PixArt(self, model_type=comfy.model_base.ModelType.V_PREDICTION,
+                                           device=device).eval()
+
+    return _patcher(VPredictionPixArt(dict(DEMO_PIXART)), state, load_device)
 
 
 def load_demo_model(path: str = WEIGHTS):

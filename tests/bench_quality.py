@@ -147,8 +147,8 @@ def generate(model, table, classes, seeds, args):
 
     out = []
     null = table[-1][None, None, :]
-    # the DiT demo: Qwen-Image's 5-D latent; the PixArt demo: 64x64, each garment pixel a 2x2 block
-    shape = {"dit": (16, 1, 32, 32), "pixart": (4, 64, 64)}.get(args.model, (4, 32, 32))
+    # the DiT demo: Qwen-Image's 5-D latent; the PixArt demo: 40x40 (the garment scaled by 1.25)
+    shape = {"dit": (16, 1, 32, 32), "pixart": (4, 40, 40)}.get(args.model, (4, 32, 32))
     for start in range(0, len(classes), args.chunk):
         cls = classes[start:start + args.chunk]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
@@ -158,11 +158,14 @@ def generate(model, table, classes, seeds, args):
         latent = torch.zeros_like(noise)
         samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
                                       negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
-        samples = model.model.process_latent_in(samples)  # the latent format's model space: the gray image
+        if args.model != "unet":  # the latent format's model space: the gray image
+            samples = model.model.process_latent_in(samples)
+        # (the UNet demo's images are read straight from the SD1.5-format latent, 5.5x model space, as the README's
+        # figures were measured: see its "Quality benchmark" section)
         if args.model == "dit":  # one frame: the channels all hold the image
             samples = samples[:, :, 0]
         elif args.model == "pixart":  # back to the 32x32 garment the metrics read
-            samples = torch.nn.functional.avg_pool2d(samples, 2)
+            samples = torch.nn.functional.interpolate(samples, size=(32, 32), mode="bilinear", antialias=True)
         out.append(to_image(samples.cpu()))
     return torch.cat(out)
 

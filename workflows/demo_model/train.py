@@ -14,9 +14,10 @@ refuses. The weights it writes load on both hosts.
   scaled-linear 1000-step schedule) with a small UNet config (``DEMO_UNET`` in the pack's nodes/demo_model.py, which loads the result): self-attention at the full
   32×32 = 1024-token level and at 16×16, cross-attention to a learned class embedding (10 classes + a null class for
   classifier-free guidance, dropped 10% of the time).
-* ``--family pixart``: ComfyUI's PixArt-alpha class (``supported_models.PixArtAlpha`` → ``model_base.PixArt``, eps
-  prediction, the linear 1000-step schedule) with ``DEMO_PIXART``: the same data at twice the size (64×64 latent,
-  each garment pixel a 2×2 block; 4×4 patches = 256 tokens), written to ``fashion_pixart.safetensors``.
+* ``--family pixart``: ComfyUI's PixArt-alpha class (``supported_models.PixArtAlpha`` → ``model_base.PixArt``, the
+  linear 1000-step schedule) with **v-prediction** (v MSE) and ``DEMO_PIXART``: the same data scaled to a 40×40 latent
+  (PixArt's position embedding needs at least 33×33; 2×2 patches = 400 tokens), written to
+  ``fashion_pixart.safetensors``.
 * Training: eps-prediction MSE on ComfyUI's own sigmas (uniform timesteps), AdamW, EMA of the weights; PyTorch's
   scaled_dot_product_attention in fp32 on the CPU (ComfyUI is booted with --use-pytorch-cross-attention); a fixed
   wall-clock budget. Seed, budget, data and settings are stored in the file's metadata.
@@ -85,8 +86,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     images, labels = load_images("train")
     data = to_latent(images)
-    upscale = 2 if args.family == "pixart" else 1  # pixart: 64x64, each pixel a 2x2 latent block (made per batch)
     demo = comfy_harness.pack_module("nodes.demo_model")
+    size = demo.PIXART_LATENT if args.family == "pixart" else 32  # pixart: the garment scaled to 40x40 (per batch)
     patcher, table = build_model(demo, args.seed, args.family)
     unet = patcher.model.diffusion_model
     sampling = patcher.model.model_sampling
@@ -112,12 +113,13 @@ def main(argv=None):
             "unet_config": json.dumps(getattr(demo, FAMILIES[args.family][1])), "classes": json.dumps(demo.CLASSES),
             "context_dim": str(demo.CONTEXT_DIM),
             "data": "Fashion-MNIST train (60k, MIT), padded 28->32, repeated over 4 channels, range [-1, 1]"
-                    + (", each pixel a 2x2 block (64x64)" if upscale > 1 else ""),
+                    + (f", scaled to {size}x{size} (bilinear)" if size != 32 else ""),
             "training": json.dumps({
                 "seed": args.seed, "minutes": args.minutes, "elapsed_minutes": round((time.time() - start) / 60, 1),
                 "final": final, "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
                 "schedule": "cosine to 0.1 over the wall-clock budget", "optimiser": "AdamW wd 0",
-                "cfg_dropout": 0.1, "ema": 0.999, "objective": "eps MSE, uniform timesteps",
+                "cfg_dropout": 0.1, "ema": 0.999,
+                "objective": ("v" if args.family == "pixart" else "eps") + " MSE, uniform timesteps",
                 "loss_last_200": sum(recent) / max(1, len(recent)), "host": info["host"],
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "weights": "EMA, stored as float16"}),
@@ -129,8 +131,8 @@ def main(argv=None):
     while time.time() - start < budget:
         index = torch.randint(len(data), (args.batch,), generator=generator)
         x0, label = data[index], labels[index].clone()
-        if upscale > 1:
-            x0 = x0.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+        if size != 32:
+            x0 = torch.nn.functional.interpolate(x0, size=(size, size), mode="bilinear", align_corners=False)
         label[torch.rand(args.batch, generator=generator) < 0.1] = demo.NULL_CLASS  # CFG dropout → null class
         timestep = torch.randint(0, 1000, (args.batch,), generator=generator)
         sigma = sampling.sigmas[timestep].float()
@@ -139,7 +141,12 @@ def main(argv=None):
         model_in = sampling.calculate_input(sigma, noisy)
         context = table[label][:, None, :]
         prediction = unet(model_in, timestep.float(), context=context)
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        if args.family == "pixart":  # v-prediction: the output that makes ComfyUI's denoised exactly x0
+            s, sd = sigma[:, None, None, None], sampling.sigma_data
+            target = (noisy * sd ** 2 / (s ** 2 + sd ** 2) - x0) * (s ** 2 + sd ** 2).sqrt() / (s * sd)
+        else:
+            target = noise
+        loss = torch.nn.functional.mse_loss(prediction, target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         progress = (time.time() - start) / budget

@@ -214,9 +214,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "of the count added to its attention logits, as in ToMe), so merged regions keep their "
                            "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "
                            "the unmerged image on the DiT demo models. Ignored on UNet models and with scope = "
-                           "transformer, where it measured worse, and on PixArt (its attention kernel cannot be "
-                           "reached) (Z-Image / Lumina 2 always merge at the attention "
-                           "site, so it applies there).",
+                           "transformer, where it measured worse (Z-Image / Lumina 2 always merge at the attention "
+                           "site, so it applies there), and on PixArt, whose attention kernel the node cannot reach.",
             }),
         }, "hidden": _HIDDEN}
 

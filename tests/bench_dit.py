@@ -285,7 +285,7 @@ def main(argv=None) -> int:
                         if args.cfg == 1.0 and importance == "cfg":  # no uncond pass: the CFG-free source
                             overrides = dict(overrides, cfg1_mode="change")
                         if overrides:
-                            (patched,) = advanced.patch(model, **dict(advanced_defaults, **settings, **overrides))
+                            (patched,) = advanced.patch(model, **dict(advanced_defaults, **dict(settings, **overrides)))
                         else:
                             (patched,) = node.patch(model, **settings)
                         suffix = ("-transformer" if scope == "transformer" else "") + (f"[{label}]" if label else "")

@@ -11,8 +11,8 @@ double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and F
 MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
 specs have no frame count), SD3.5 large (width 2432, 38 heads, 154 text tokens of width 4096, pooled 2048; 38
 joint blocks in the real model; ``sd3@WxH``), Qwen-Image (``qwen@WxH``), Z-Image (``zimage@WxH``, attention site
-only) and PixArt-alpha XL/2 (``pixart@WxH``; the paper's blocks: the middle half of ``--layers``). A CPU run uses ``--layers`` of them
-(default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
+only) and PixArt-alpha XL/2 (``pixart@WxH``; the paper's blocks: the middle half of ``--layers``). A CPU run uses
+``--layers`` of them (default 2): every block does the same work, so the speed-up of the blocks is the model's (patch embedding and head
 are a fraction of a percent). Each measurement is one model evaluation (a cond+uncond batch; one row at ``--cfg 1``,
 where the importance rows use ``cfg1_mode = change``) inside ComfyUI's own sampler after the first step (importance
 capture and matching included); methods run interleaved after a warm-up round; medians with min–max over reps ×
@@ -200,8 +200,8 @@ def kernel_share(model, positive, negative, latent, cfg=5.0):
 
 
 # PixArt's attention site also runs the self-attention's q / k / v and output projections (4 C² per token) on merged
-# tokens: their share of a block's non-kernel work (q / k / v / out 4 C², cross-attention q / out 2 C² + keys and values
-# of 120 text tokens, MLP 8 C²), counted in multiply-adds
+# tokens: their share of a block's non-kernel work (q / k / v / out 4 C², cross-attention q / out 2 C² + keys and
+# values of 120 text tokens, MLP 8 C²), counted in multiply-adds
 PIXART_PROJECTIONS = 4 / (4 + 2 + 8)
 
 
@@ -285,7 +285,8 @@ def main(argv=None) -> int:
                         if args.cfg == 1.0 and importance == "cfg":  # no uncond pass: the CFG-free source
                             overrides = dict(overrides, cfg1_mode="change")
                         if overrides:
-                            (patched,) = advanced.patch(model, **dict(advanced_defaults, **dict(settings, **overrides)))
+                            inputs = dict(advanced_defaults, **dict(settings, **overrides))
+                            (patched,) = advanced.patch(model, **inputs)
                         else:
                             (patched,) = node.patch(model, **settings)
                         suffix = ("-transformer" if scope == "transformer" else "") + (f"[{label}]" if label else "")

@@ -56,7 +56,8 @@ def boot_demo(kind: str = "unet"):
 
     torch.set_grad_enabled(False)
     demo = H.pack_module("nodes.demo_model")
-    loader = {"unet": demo.load_demo_model, "dit": demo.load_demo_dit_model, "pixart": demo.load_demo_pixart_model}[kind]
+    loader = {"unet": demo.load_demo_model, "dit": demo.load_demo_dit_model,
+              "pixart": demo.load_demo_pixart_model}[kind]
     model, clip, _, metadata = loader()
     return info, demo, model, clip.table, metadata
 

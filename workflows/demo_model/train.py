@@ -52,7 +52,7 @@ def build_model(demo, seed: int = 0, family: str = "unet"):
 
     patcher = getattr(demo, FAMILIES[family][0])(None, load_device=torch.device("cpu"))
     comfy_harness.init_weights_(patcher.model.diffusion_model, seed=seed)
-    if family == "pixart":  # start the output head at zero (an eps of 0 is a safe start)
+    if family == "pixart":  # start the output head at zero (an output of 0 is a safe start)
         for name, param in patcher.model.diffusion_model.named_parameters():
             if name.startswith("final_layer.linear"):
                 torch.nn.init.zeros_(param)

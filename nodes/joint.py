@@ -98,6 +98,22 @@ class ImageRuntime(JointRuntime):
         return rows
 
 
+class PatchedLatentRuntime(ImageRuntime):
+    """An image family seen through an ``APPLY_MODEL`` wrapper (``model`` is the BaseModel): [B, C, H, W] latents cut
+    into ``diffusion_model.patch_size`` patches, nothing after the image tokens, no block info in transformer_options
+    (SD3's MMDiT, PixArt)."""
+
+    WRAPPER = "APPLY_MODEL"
+    BLOCK_INFO = False
+
+    def read_input(self, model, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
+        net = getattr(model, "diffusion_model", None)
+        if x.ndim != 4 or net is None:
+            return None
+        patch = net.patch_size
+        return TokenGrid(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch)), 0
+
+
 def grid_wrapper(executor, x, *args, **kwargs):
     """``DIFFUSION_MODEL`` / ``APPLY_MODEL`` wrapper: tells the runtime the image token grid and tail of this
     forward."""

@@ -22,11 +22,10 @@ without it. Blocks with PixArt-Σ's key/value compression (``sr_ratio > 1``: key
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
-from ..merging import TokenGrid
 from . import joint
 from .runtime import attach, runtime_of
 from .settings import MergeSettings
@@ -53,23 +52,14 @@ def merged_blocks(depth: int, levels: str) -> List[int]:
     return list(range(round(depth * start / paper_depth), round(depth * end / paper_depth)))
 
 
-class PixArtRuntime(joint.ImageRuntime):
+class PixArtRuntime(joint.PatchedLatentRuntime):
     family = "PixArt"
     BLOCKS = ()
-    WRAPPER = "APPLY_MODEL"
-    BLOCK_INFO = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hooked = False  # hooks are on the blocks (a forward inside a forward adds none)
         self.current: Optional[dict] = None  # the forward the hooks serve: its transformer_options (a copy per call)
-
-    def read_input(self, model, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
-        net = getattr(model, "diffusion_model", None)
-        if x.ndim != 4 or net is None:
-            return None
-        patch = net.patch_size
-        return TokenGrid(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch)), 0
 
     def _fallbacks_once(self) -> None:
         s = self.settings

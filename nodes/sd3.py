@@ -10,9 +10,6 @@ from an ``APPLY_MODEL`` wrapper and each block replacement knows its own index. 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
-from ..merging import TokenGrid
 from . import joint
 from .settings import MergeSettings
 
@@ -27,18 +24,9 @@ def supports(model) -> bool:
     return hasattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL")
 
 
-class MMDiTRuntime(joint.ImageRuntime):
+class MMDiTRuntime(joint.PatchedLatentRuntime):
     family = "SD3"
     BLOCKS = (("double_block", "joint_blocks"),)
-    WRAPPER = "APPLY_MODEL"
-    BLOCK_INFO = False
-
-    def read_input(self, model, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:
-        net = getattr(model, "diffusion_model", None)
-        if x.ndim != 4 or net is None:
-            return None
-        patch = net.patch_size
-        return TokenGrid(-(-x.shape[-2] // patch), -(-x.shape[-1] // patch)), 0
 
 
 def apply(model, settings: MergeSettings, live=None):

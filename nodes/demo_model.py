@@ -66,7 +66,6 @@ DEMO_PIXART = {
     "learn_sigma": False, "caption_channels": CONTEXT_DIM, "model_max_length": 1, "micro_condition": False,
     "pe_interpolation": None,
 }
-PIXART_LATENT = 40
 # words that name a class in a prompt (longest match wins, so "t-shirt" is not read as "shirt")
 _ALIASES = {
     "t-shirt": 0, "t shirt": 0, "tshirt": 0, "top": 0, "trousers": 1, "trouser": 1, "pants": 1, "jeans": 1,

@@ -100,6 +100,7 @@ class VideoDiTRuntime(MergeRuntime):
     """Partitions of a video DiT's image tokens; the adapter subclass decides which calls are merged."""
 
     family = "video transformers"
+    CROSS_ATTN = False  # the family merges cross-attention with merge_cross_attn (PixArt)
 
     def grid_merge(self, kind: str, metric: torch.Tensor, extra: dict, grid: TokenGrid,
                    block_index: Optional[int]) -> Optional[LevelMerge]:
@@ -128,9 +129,10 @@ class VideoDiTRuntime(MergeRuntime):
 
     def _fallbacks_once(self) -> None:
         s = self.settings
-        if s.tiles != "1x1" or s.temporal_ratio > 0 or s.merge_cross_attn:
-            self.note("unet-only", "tiles, temporal_ratio and merge_cross_attn apply to UNet models; ignored on %s",
-                      self.family)
+        ignored = [name for name, used in (("tiles", s.tiles != "1x1"), ("temporal_ratio", s.temporal_ratio > 0),
+                                           ("merge_cross_attn", s.merge_cross_attn and not self.CROSS_ATTN)) if used]
+        if ignored:
+            self.note("unet-only", "%s apply to UNet models only; ignored on %s", ", ".join(ignored), self.family)
 
     def _forward_merge(self, k: torch.Tensor, extra: dict, grid: TokenGrid, key) -> Optional[LevelMerge]:
         """This forward's merge (``k``: the rows' features, keys or block inputs), from the step's per-sample one."""

@@ -55,16 +55,12 @@ def merged_blocks(depth: int, levels: str) -> List[int]:
 class PixArtRuntime(joint.PatchedLatentRuntime):
     family = "PixArt"
     BLOCKS = ()
+    CROSS_ATTN = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.hooked = False  # hooks are on the blocks (a forward inside a forward adds none)
         self.current: Optional[dict] = None  # the forward the hooks serve: its transformer_options (a copy per call)
-
-    def _fallbacks_once(self) -> None:
-        s = self.settings
-        if s.tiles != "1x1" or s.temporal_ratio > 0:
-            self.note("unet-only", "tiles and temporal_ratio apply to UNet models; ignored on PixArt")
 
     def hook(self, net, handles: list) -> None:
         """Register the hooks of ``net``'s merged blocks, appending their handles to ``handles`` as it goes."""

@@ -205,10 +205,6 @@ def kernel_share(model, positive, negative, latent, cfg=5.0):
 PIXART_PROJECTIONS = 4 / (4 + 2 + 8)
 
 
-def pixart_blocks(layers: int, levels: str):
-    return H.pack_module("nodes.pixart").merged_blocks(layers, levels)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="wan@832x480x17")
@@ -319,7 +315,8 @@ def main(argv=None) -> int:
                 elif arch == "pixart":  # PixArt's attention site merges before the q / k / v projections too
                     ideal += (1 - share) * ratio * PIXART_PROJECTIONS
                 if arch == "pixart":  # only the merged blocks save
-                    ideal *= len(pixart_blocks(args.layers, levels[(name, ratio)])) / args.layers
+                    merged = H.pack_module("nodes.pixart").merged_blocks(args.layers, levels[(name, ratio)])
+                    ideal *= len(merged) / args.layers
             rows.append({
                 "model": f"{arch}@{size}", "blocks": args.layers, "tokens": tokens, "method": name, "ratio": ratio,
                 "s_per_eval": bench_speed.fmt(values), "median_s": round(med, 3),

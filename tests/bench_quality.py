@@ -149,7 +149,8 @@ def generate(model, table, classes, seeds, args):
     out = []
     null = table[-1][None, None, :]
     # the DiT demo: Qwen-Image's 5-D latent; the PixArt demo: 40x40 (the garment scaled by 1.25)
-    shape = {"dit": (16, 1, 32, 32), "pixart": (4, 40, 40)}.get(args.model, (4, 32, 32))
+    pixart = H.pack_module("nodes.demo_model").DEMO_PIXART["input_size"]
+    shape = {"dit": (16, 1, 32, 32), "pixart": (4, pixart, pixart)}.get(args.model, (4, 32, 32))
     for start in range(0, len(classes), args.chunk):
         cls = classes[start:start + args.chunk]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))

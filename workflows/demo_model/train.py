@@ -87,7 +87,8 @@ def main(argv=None):
     images, labels = load_images("train")
     data = to_latent(images)
     demo = comfy_harness.pack_module("nodes.demo_model")
-    size = demo.PIXART_LATENT if args.family == "pixart" else 32  # pixart: the garment scaled to 40x40 (per batch)
+    # pixart: the garment scaled to the config's 40x40 latent (per batch)
+    size = demo.DEMO_PIXART["input_size"] if args.family == "pixart" else 32
     patcher, table = build_model(demo, args.seed, args.family)
     unet = patcher.model.diffusion_model
     sampling = patcher.model.model_sampling

@@ -117,7 +117,8 @@ class DemoTextEncoder:
 
 
 class DemoImageCodec:
-    """VAE stand-in: the 4 latent channels carry one grayscale image in [-1, 1]; images are 8× the latent size."""
+    """VAE stand-in: the 4 latent channels carry one grayscale image, in [-1, 1] in model space (ComfyUI's SD1.5 latent
+    format: the latent is model space / 0.18215); images are 8× the latent size."""
 
     downscale_ratio = 8
     upscale_ratio = 8
@@ -130,8 +131,15 @@ class DemoImageCodec:
     def spacial_compression_encode(self):
         return 8
 
+    @staticmethod
+    def _scale() -> float:
+        import comfy.latent_formats  # noqa: PLC0415 (host module)
+
+        return comfy.latent_formats.SD15().scale_factor
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        gray = ((samples.float().cpu().mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
+        model_space = samples.float().cpu() * self._scale()
+        gray = ((model_space.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0, 1)
         up = F.interpolate(gray, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
         return up[:, 0, :, :, None].expand(-1, -1, -1, 3).contiguous()
 
@@ -140,7 +148,7 @@ class DemoImageCodec:
             raise ValueError(f"the demo model's images must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
         gray = pixels[..., :3].float().mean(dim=-1)[:, None]
         small = F.avg_pool2d(gray, 8) * 2.0 - 1.0
-        return small.expand(-1, 4, -1, -1).contiguous()
+        return (small / self._scale()).expand(-1, 4, -1, -1).contiguous()
 
 
 class DemoVideoCodec:
@@ -229,11 +237,23 @@ def _patcher(config, state: Optional[dict], load_device):
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=torch.device("cpu"))
 
 
-def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None):
-    """A ComfyUI ModelPatcher for the demo architecture; weights from ``unet_state`` (strict) when given."""
+def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None, prediction: str = "eps"):
+    """A ComfyUI ModelPatcher for the demo architecture (SD1.5 class; ``prediction`` "v" makes it v-predicting, as
+    SD2.x-768 is); weights from ``unet_state`` (strict) when given."""
     import comfy.supported_models  # noqa: PLC0415 (host module)
 
-    config = comfy.supported_models.SD15(dict(DEMO_UNET, dtype=torch.float32))
+    if prediction not in ("eps", "v"):
+        raise ValueError(f"demo model prediction must be 'eps' or 'v', got {prediction!r}")
+    if prediction == "v":
+        import comfy.model_base  # noqa: PLC0415 (host module)
+
+        class VPredictionSD15(comfy.supported_models.SD15):
+            def model_type(self, state_dict, prefix=""):
+                return comfy.model_base.ModelType.V_PREDICTION
+
+        config = VPredictionSD15(dict(DEMO_UNET, dtype=torch.float32))
+    else:
+        config = comfy.supported_models.SD15(dict(DEMO_UNET, dtype=torch.float32))
     for key in ("num_heads", "num_head_channels"):  # SD15's unet_extra_config is merged in; the demo's layout wins
         config.unet_config[key] = DEMO_UNET[key]
     return _patcher(config, unet_state, load_device)
@@ -280,7 +300,8 @@ def build_pixart_patcher(state: Optional[dict] = None, load_device=None):
 def load_demo_model(path: str = WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled demo model."""
     unet, table, metadata = read_weights(path)
-    return build_unet_patcher(unet), DemoTextEncoder(table), DemoImageCodec(), metadata
+    patcher = build_unet_patcher(unet, prediction=metadata.get("prediction", "eps"))
+    return patcher, DemoTextEncoder(table), DemoImageCodec(), metadata
 
 
 def load_demo_video_model(path: str = VIDEO_WEIGHTS):

@@ -160,10 +160,7 @@ def generate(model, table, classes, seeds, args):
         latent = torch.zeros_like(noise)
         samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
                                       negative, latent, denoise=1.0, disable_pbar=True, seed=int(seeds[start]))
-        if args.model != "unet":  # the latent format's model space: the gray image
-            samples = model.model.process_latent_in(samples)
-        # (the UNet demo's images are read straight from the SD1.5-format latent, 5.5x model space, as the README's
-        # figures were measured: see its "Quality benchmark" section)
+        samples = model.model.process_latent_in(samples)  # the latent format's model space: the gray image
         if args.model == "dit":  # one frame: the channels all hold the image
             samples = samples[:, :, 0]
         elif args.model == "pixart":  # back to the 32x32 garment the metrics read

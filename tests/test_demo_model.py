@@ -43,10 +43,10 @@ def _accuracy(classifier, latents, label):
     import os
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "demo_model"))
-    from fashion_data import to_image
+    from fashion_data import latent_to_image
 
     with torch.no_grad():
-        return float((classifier(to_image(latents)).argmax(1) == label).float().mean())
+        return float((classifier(latent_to_image(latents)).argmax(1) == label).float().mean())
 
 
 @pytest.mark.parametrize("merge", [None, SIMPLE], ids=["unmerged", "merged"])
@@ -73,10 +73,25 @@ def test_demo_codec_round_trip_and_img2img(comfy):
     demo = H.pack_module("nodes.demo_model")
     codec = demo.DemoImageCodec()
     coarse = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1  # a smooth image
-    latent = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").expand(-1, 4, -1, -1)
+    model_space = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear").expand(-1, 4, -1, -1)
+    latent = model_space / 0.18215  # ComfyUI's SD1.5 latent format
     image = codec.decode(latent)
     assert image.shape == (2, 256, 256, 3)
+    torch.testing.assert_close(image[:, ::8, ::8, 0].mean(), (model_space[:, 0].mean() + 1) / 2, atol=0.02, rtol=0)
     back = codec.encode(image)
-    assert back.shape == (2, 4, 32, 32) and float((back - latent).abs().mean()) < 0.02
+    assert back.shape == (2, 4, 32, 32) and float((back - latent).abs().mean() * 0.18215) < 0.02
     with pytest.raises(ValueError, match="multiples of 8"):
         codec.encode(torch.rand(1, 30, 32, 3))
+
+
+def test_demo_model_is_v_predicting_as_its_file_says(comfy):
+    """The bundled file says how it was trained (metadata "prediction"); the loader builds that model type."""
+    import comfy.model_base
+
+    demo = H.pack_module("nodes.demo_model")
+    model, _, _, metadata = demo.load_demo_model()
+    assert metadata["prediction"] == "v"
+    assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    assert demo.build_unet_patcher().model.model_type == comfy.model_base.ModelType.EPS  # the SD1.5 default
+    with pytest.raises(ValueError, match="'eps' or 'v'"):
+        demo.build_unet_patcher(prediction="x0")

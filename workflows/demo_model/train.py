@@ -45,12 +45,16 @@ FAMILIES = {  # --family: (patcher builder in nodes.demo_model, its config there
 }
 
 
-def build_model(demo, seed: int = 0, family: str = "unet"):
+def build_model(demo, seed: int = 0, family: str = "unet", prediction: str = "eps"):
     """(ModelPatcher, class embedding table [11, CONTEXT_DIM]) with freshly initialised weights."""
     import torch
     import comfy_harness
 
-    patcher = getattr(demo, FAMILIES[family][0])(None, load_device=torch.device("cpu"))
+    builder = getattr(demo, FAMILIES[family][0])
+    if family == "unet":
+        patcher = builder(None, load_device=torch.device("cpu"), prediction=prediction)
+    else:
+        patcher = builder(None, load_device=torch.device("cpu"))
     comfy_harness.init_weights_(patcher.model.diffusion_model, seed=seed)
     if family == "pixart":  # start the output head at zero (an output of 0 is a safe start)
         for name, param in patcher.model.diffusion_model.named_parameters():
@@ -71,8 +75,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", choices=sorted(FAMILIES), default="unet", help="model class to train")
     parser.add_argument("--out", default=None, help="weights file (default: the family's file next to this script)")
+    parser.add_argument("--prediction", choices=("eps", "v"), default=None,
+                        help="what the network predicts (default: eps for unet, as SD1.5; v for pixart)")
+    parser.add_argument("--init", default=None,
+                        help="continue from this weights file (its EMA weights and class table; the metadata records "
+                             "the earlier runs) instead of fresh weights")
     args = parser.parse_args(argv)
     args.out = args.out or os.path.join(HERE, FAMILIES[args.family][2])
+    args.prediction = args.prediction or ("v" if args.family == "pixart" else "eps")
+    if args.family == "pixart" and args.prediction != "v":
+        raise SystemExit("the PixArt demo model is v-predicting (an eps try stayed speckled)")
 
     import comfy_harness
 
@@ -89,7 +101,17 @@ def main(argv=None):
     demo = comfy_harness.pack_module("nodes.demo_model")
     # pixart: the garment scaled to the config's 40x40 latent (per batch)
     size = demo.DEMO_PIXART["input_size"] if args.family == "pixart" else 32
-    patcher, table = build_model(demo, args.seed, args.family)
+    patcher, table = build_model(demo, args.seed, args.family, args.prediction)
+    earlier = []  # the runs the --init file came from
+    if args.init:
+        state, init_table, init_meta = demo.read_weights(args.init)
+        config = json.loads(json.dumps(getattr(demo, FAMILIES[args.family][1])))
+        if json.loads(init_meta.get("unet_config", "null")) != config:
+            raise SystemExit(f"{args.init} is not a {args.family} demo model of the current config")
+        patcher.model.diffusion_model.load_state_dict(state, strict=True)
+        table = torch.nn.Parameter(init_table.clone())
+        previous = json.loads(init_meta.get("training", "{}"))
+        earlier = previous.pop("earlier", []) + [previous]
     unet = patcher.model.diffusion_model
     sampling = patcher.model.model_sampling
     unet.train()
@@ -110,7 +132,7 @@ def main(argv=None):
         recent = losses[-200:]
         metadata = {
             "format": "importance-token-merging demo model v1",
-            "family": args.family,
+            "family": args.family, "prediction": args.prediction,
             "unet_config": json.dumps(getattr(demo, FAMILIES[args.family][1])), "classes": json.dumps(demo.CLASSES),
             "context_dim": str(demo.CONTEXT_DIM),
             "data": "Fashion-MNIST train (60k, MIT), padded 28->32, repeated over 4 channels, range [-1, 1]"
@@ -120,10 +142,11 @@ def main(argv=None):
                 "final": final, "steps": step, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
                 "schedule": "cosine to 0.1 over the wall-clock budget", "optimiser": "AdamW wd 0",
                 "cfg_dropout": 0.1, "ema": 0.999,
-                "objective": ("v" if args.family == "pixart" else "eps") + " MSE, uniform timesteps",
+                "objective": args.prediction + " MSE, uniform timesteps",
                 "loss_last_200": sum(recent) / max(1, len(recent)), "host": info["host"],
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "weights": "EMA, stored as float16"}),
+                "weights": "EMA, stored as float16",
+                **({"init": os.path.basename(args.init), "earlier": earlier} if args.init else {})}),
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         save_file(tensors, args.out, metadata=metadata)
@@ -142,7 +165,7 @@ def main(argv=None):
         model_in = sampling.calculate_input(sigma, noisy)
         context = table[label][:, None, :]
         prediction = unet(model_in, timestep.float(), context=context)
-        if args.family == "pixart":  # v-prediction: the output that makes ComfyUI's denoised exactly x0
+        if args.prediction == "v":  # v-prediction: the output that makes ComfyUI's denoised exactly x0
             s, sd = sigma[:, None, None, None], sampling.sigma_data
             target = (noisy * sd ** 2 / (s ** 2 + sd ** 2) - x0) * (s ** 2 + sd ** 2).sqrt() / (s * sd)
         else:

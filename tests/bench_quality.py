@@ -338,7 +338,9 @@ def write_markdown(path, results, args, host, command, metadata, real_accuracy, 
         + {"joint": "cond and uncond of a step in one model call", "split": "one model call per cond chunk",
            "auto": "as this machine's free memory gave"}[args.regime] + "); "
         f"{args.sampler}/{args.scheduler}, {args.steps} steps, cfg {args.cfg}. Demo model: "
-        f"{training.get('steps', '?')} training steps. Classifier accuracy on the real test images: "
+        f"{metadata.get('family', 'unet')}, {metadata.get('prediction', 'eps')} prediction, "
+        f"{sum(run.get('steps', 0) for run in training.get('earlier', []) + [training])} training steps. "
+        f"Classifier accuracy on the real test images: "
         f"{real_accuracy:.3f}.",
         "",
         "PSNR/SSIM: to the unmerged image of the same seed (mean ± 95% interval). acc: the classifier finds the "

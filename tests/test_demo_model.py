@@ -56,6 +56,18 @@ def test_demo_model_draws_the_class_it_is_asked_for(comfy, classifier, merge):
     assert min(scores.values()) >= 0.75, scores
 
 
+def test_demo_images_have_gray_levels_and_a_black_background(comfy):
+    """What the demo VAE shows: a black background and garments in real gray levels. (Read 5.5x too contrasted, as
+    before the SD1.5 latent format was honoured, almost every garment pixel clipped to white.)"""
+    demo = H.pack_module("nodes.demo_model")
+    image = demo.DemoImageCodec().decode(generate("T-shirt", batch=4, steps=12))[..., 0]  # [4, 256, 256]
+    border = torch.cat([image[:, :16].flatten(1), image[:, -16:].flatten(1)], 1)
+    assert float(border.mean()) < 0.08, float(border.mean())
+    garment = image[image > 0.1]
+    assert garment.numel() > 0.15 * image.numel()
+    assert float(((garment > 0.2) & (garment < 0.9)).float().mean()) > 0.5  # mostly gray, not clipped to white
+
+
 def test_prompt_naming_no_class_is_a_clear_error(comfy):
     with pytest.raises(H.PromptError, match="Fashion-MNIST classes"):
         generate("a castle on a hill", steps=1, batch=1)

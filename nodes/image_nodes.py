@@ -56,7 +56,8 @@ _COMMON = {
         "tooltip": "attention: only self-attention runs on merged tokens (most faithful). transformer: whole "
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
-                   "less faithful (on the demo model 16-18 dB further from the unmerged image at ratio 0.3-0.5); other "
+                   "less faithful (on the UNet demo model 7-8 dB further from the unmerged image at ratio "
+                   "0.3-0.5); other "
                    "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, Flux, SD3, "
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
                    "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
@@ -170,7 +171,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "default": "stage",
                 "tooltip": "How often the merge partition is recomputed in one model evaluation. stage: once for the "
                            "down blocks and once for the up blocks of each merged level (their features differ; about "
-                           "2 dB closer to the unmerged image than level in the quality benchmark). level: one partition "
+                           "2 dB closer to the unmerged image than level in an earlier quality benchmark). level: "
+                           "one partition "
                            "for all blocks of a level (least index work). block: one per transformer block.",
             }),
             "temporal_ratio": ("FLOAT", {

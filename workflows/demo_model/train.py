@@ -11,16 +11,17 @@ refuses. The weights it writes load on both hosts.
   SD1.5 latent, so a 256×256 EmptyLatentImage is one garment and ComfyUI's samplers, CFG and this pack's patches
   run on it unchanged.
 * Model: ComfyUI's SD1.5 model class (``supported_models.SD15`` → ``model_base.BaseModel``, eps prediction, or v
-  with ``--prediction v`` as the bundled file is, the scaled-linear 1000-step schedule) with a small UNet config (``DEMO_UNET`` in the pack's nodes/demo_model.py, which loads the result): self-attention at the full
+  with ``--prediction v`` as the bundled file is, the scaled-linear 1000-step schedule) with a small UNet config
+  (``DEMO_UNET`` in the pack's nodes/demo_model.py, which loads the result): self-attention at the full
   32×32 = 1024-token level and at 16×16, cross-attention to a learned class embedding (10 classes + a null class for
   classifier-free guidance, dropped 10% of the time).
 * ``--family pixart``: ComfyUI's PixArt-alpha class (``supported_models.PixArtAlpha`` → ``model_base.PixArt``, the
   linear 1000-step schedule) with **v-prediction** (v MSE) and ``DEMO_PIXART``: the same data scaled to a 40×40 latent
   (PixArt's position embedding needs at least 33×33; 2×2 patches = 400 tokens), written to
   ``fashion_pixart.safetensors``.
-* Training: eps- (or v-) prediction MSE on ComfyUI's own sigmas (uniform timesteps), AdamW, EMA of the weights; PyTorch's
-  scaled_dot_product_attention in fp32 on the CPU (ComfyUI is booted with --use-pytorch-cross-attention); a fixed
-  wall-clock budget. Seed, budget, data and settings are stored in the file's metadata. ``--init`` continues from
+* Training: eps- (or v-) prediction MSE on ComfyUI's own sigmas (uniform timesteps), AdamW, EMA of the weights;
+  PyTorch's scaled_dot_product_attention in fp32 on the CPU (ComfyUI is booted with --use-pytorch-cross-attention);
+  a fixed wall-clock budget. Seed, budget, data and settings are stored in the file's metadata. ``--init`` continues from
   a weights file of the same config (its runs are kept in the metadata under "earlier"); how the bundled UNet file
   was made: README.md next to this script.
 """

@@ -342,8 +342,11 @@ class _DemoLoader:
     def load(self):
         model, clip, vae, metadata = self._load()
         training = json.loads(metadata.get("training", "{}"))
-        log.info("Importance Token Merging: %s loaded (%s steps of training, %s)", self.WHAT,
-                 training.get("steps", "?"), metadata.get("format", "unknown format"))
+        runs = training.get("earlier", []) + [training]  # a file fine-tuned from another (train.py --init)
+        steps = sum(run.get("steps", 0) for run in runs) or "?"
+        prediction = f", {metadata['prediction']} prediction" if "prediction" in metadata else ""
+        log.info("Importance Token Merging: %s loaded (%s steps of training in %d run(s)%s, %s)", self.WHAT, steps,
+                 len(runs), prediction, metadata.get("format", "unknown format"))
         return model, clip, vae
 
 

@@ -223,6 +223,13 @@ def read_weights(path: str = WEIGHTS):
     return net, tensors["class_embedding.weight"].float(), metadata
 
 
+def training_runs(metadata: dict) -> list:
+    """The training runs of a weights file, oldest first (a file fine-tuned with train.py --init keeps its earlier
+    runs under "earlier")."""
+    training = json.loads(metadata.get("training", "{}"))
+    return training.get("earlier", []) + [training]
+
+
 def _patcher(config, state: Optional[dict], load_device):
     """A ComfyUI ModelPatcher of ``config``'s model in fp32 on the CPU; weights from ``state`` (strict) when given."""
     import comfy.model_management  # noqa: PLC0415 (host modules)
@@ -244,6 +251,7 @@ def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None, pred
 
     if prediction not in ("eps", "v"):
         raise ValueError(f"demo model prediction must be 'eps' or 'v', got {prediction!r}")
+    config_class = comfy.supported_models.SD15
     if prediction == "v":
         import comfy.model_base  # noqa: PLC0415 (host module)
 
@@ -251,9 +259,8 @@ def build_unet_patcher(unet_state: Optional[dict] = None, load_device=None, pred
             def model_type(self, state_dict, prefix=""):
                 return comfy.model_base.ModelType.V_PREDICTION
 
-        config = VPredictionSD15(dict(DEMO_UNET, dtype=torch.float32))
-    else:
-        config = comfy.supported_models.SD15(dict(DEMO_UNET, dtype=torch.float32))
+        config_class = VPredictionSD15
+    config = config_class(dict(DEMO_UNET, dtype=torch.float32))
     for key in ("num_heads", "num_head_channels"):  # SD15's unet_extra_config is merged in; the demo's layout wins
         config.unet_config[key] = DEMO_UNET[key]
     return _patcher(config, unet_state, load_device)
@@ -341,8 +348,7 @@ class _DemoLoader:
 
     def load(self):
         model, clip, vae, metadata = self._load()
-        training = json.loads(metadata.get("training", "{}"))
-        runs = training.get("earlier", []) + [training]  # a file fine-tuned from another (train.py --init)
+        runs = training_runs(metadata)
         steps = sum(run.get("steps", 0) for run in runs) or "?"
         prediction = f", {metadata['prediction']} prediction" if "prediction" in metadata else ""
         log.info("Importance Token Merging: %s loaded (%s steps of training in %d run(s)%s, %s)", self.WHAT, steps,

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     info, _, model, table, _ = boot_demo()
     import comfy.sample
     import torch
-    from fashion_data import image_to_latent, latent_to_image
+    from fashion_data import to_image, to_latent
     from quality import metrics
 
     videos, classes = pan_videos(args.videos, args.frames)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         outputs = []
         for first in range(0, args.videos, args.chunk):  # several videos per sampler call: [video, frame] rows
             chunk = range(first, min(first + args.chunk, args.videos))
-            latent = image_to_latent(videos[first:chunk.stop].flatten(0, 1))
+            latent = model.model.process_latent_out(to_latent(videos[first:chunk.stop].flatten(0, 1)))
             noise = torch.cat([torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(v))
                                .expand(args.frames, -1, -1, -1) for v in chunk])
             cond = table[classes[first:chunk.stop]].repeat_interleave(args.frames, 0)[:, None, :]
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             negative = [[table[-1][None, None, :].expand(len(cond), -1, -1).clone(), {}]]
             samples = comfy.sample.sample(patched, noise, args.steps, args.cfg, "euler", "normal", positive, negative,
                                           latent, denoise=args.denoise, disable_pbar=True, seed=first)
-            outputs.append(latent_to_image(samples).reshape(len(chunk), args.frames, 32, 32))
+            outputs.append(to_image(model.model.process_latent_in(samples)).reshape(len(chunk), args.frames, 32, 32))
         seconds = time.perf_counter() - start
         frames = torch.cat(outputs)  # [V, F, 32, 32]
         if reference is None:

@@ -43,10 +43,12 @@ def _accuracy(classifier, latents, label):
     import os
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workflows", "demo_model"))
-    from fashion_data import latent_to_image
+    import comfy.latent_formats
+    from fashion_data import to_image
 
-    with torch.no_grad():
-        return float((classifier(latent_to_image(latents)).argmax(1) == label).float().mean())
+    with torch.no_grad():  # the demo model's latents are in SD1.5's format (model space / its scale factor)
+        images = to_image(comfy.latent_formats.SD15().process_in(latents))
+        return float((classifier(images).argmax(1) == label).float().mean())
 
 
 @pytest.mark.parametrize("merge", [None, SIMPLE], ids=["unmerged", "merged"])

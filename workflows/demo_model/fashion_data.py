@@ -11,10 +11,6 @@ import os
 import shutil
 import subprocess
 
-# The UNet and PixArt demo models use ComfyUI's SD1.5 latent format: their training data (``to_latent``) is model space,
-# and what a sampler returns and a VAE receives is the latent, model space / SD15_SCALE (``latent_to_image``)
-SD15_SCALE = 0.18215
-
 DATA = os.environ.get("ITM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -59,16 +55,6 @@ def to_latent(images):
 def to_image(model_space):
     """Model-space [N, 4, 32, 32] → grayscale [N, 32, 32] in [0, 1] (what the demo VAE shows, before upscaling)."""
     return ((model_space.float().mean(dim=1) + 1.0) / 2.0).clamp(0, 1)
-
-
-def latent_to_image(latent):
-    """A sampler's SD1.5-format latent [N, 4, 32, 32] → grayscale [N, 32, 32] in [0, 1] (what the demo VAE shows)."""
-    return to_image(latent.float() * SD15_SCALE)
-
-
-def image_to_latent(images):
-    """uint8 [N, 28, 28] → the SD1.5-format latent a sampler takes as its input image (img2img)."""
-    return to_latent(images) / SD15_SCALE
 
 
 def real_images(split: str = "test"):

@@ -4,6 +4,7 @@ Node ids are permanent: they are stored in saved workflows. Never rename them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from . import flux, hunyuan, lumina, pixart, qwen, sd3, unet, wan
@@ -53,7 +54,10 @@ _COMMON = {
     }),
     "scope": (list(SCOPES), {
         "default": "attention",
-        "tooltip": "attention: only self-attention runs on merged tokens (most faithful). transformer: whole "
+        "tooltip": "attention: only self-attention runs on merged tokens. queries (UNet models): only the "
+                   "self-attention queries merge, keys and values keep every token, as in ComfyUI's built-in "
+                   "node: most faithful, less speed per ratio (see the README's speed-fidelity picture); other "
+                   "models use attention instead. transformer: whole "
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
                    "less faithful (on the UNet demo model 7-8 dB further from the unmerged image at ratio "
@@ -86,6 +90,10 @@ def _patch(model, settings: MergeSettings, node_id=None):
     if settings.ratio == 0:
         log.info("Importance Token Merging: ratio 0, merging is off; the model passes through unchanged.")
         return (model,)
+    if settings.scope == "queries" and adapter is not unet:
+        log.warning("Importance Token Merging: scope = queries is a UNet merging site; %s models merge the image "
+                    "tokens' queries, keys and values instead (scope = attention)", adapter.__name__.rsplit(".", 1)[-1])
+        settings = dataclasses.replace(settings, scope="attention")
     live = LivePreview(node_id) if node_id is not None else None
     return (adapter.apply(model, settings, live=live),)
 

@@ -2,8 +2,9 @@
 
 How it hooks in (the same on the 2024 host and on current ComfyUI):
 
-* ``attn1_patch`` shortens the self-attention input (queries, keys and values) with a :class:`merging.Partition`;
-  ``attn1_output_patch`` restores the full length. With ``merge_cross_attn`` the cross-attention queries get the
+* ``attn1_patch`` shortens the self-attention input (queries, keys and values; with ``scope = "queries"`` the
+  queries only, as ComfyUI's built-in node does) with a :class:`merging.Partition`; ``attn1_output_patch`` restores
+  the full length. With ``merge_cross_attn`` the cross-attention queries get the
   same treatment through ``attn2_patch`` / ``attn2_output_patch``.
 * Runs, steps, the active range and the CFG importance capture are family-neutral and live in ``nodes/runtime.py``;
   this module only knows the UNet: which attention calls sit at which level, and where tokens are merged.
@@ -160,6 +161,9 @@ class SelfAttnMerge:
             return n, context, value
         run.summary.merged_calls += 1
         merged = plan.partition.merge(n, plan.mode)
+        queries = plan.share.select(merged) if plan.share is not None else merged  # frames share alike queries
+        if runtime.settings.scope == "queries":  # keys and values keep every token (the built-in node's site)
+            return queries, context, value
 
         def like_n(t):  # keys/values: shorten them too when they are the block's own tokens (self-attention)
             if t is n:
@@ -168,7 +172,6 @@ class SelfAttnMerge:
                 return plan.partition.merge(t, plan.mode)
             return t
 
-        queries = plan.share.select(merged) if plan.share is not None else merged  # frames share alike queries
         return queries, like_n(context), like_n(value)
 
 

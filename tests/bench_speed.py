@@ -120,7 +120,8 @@ def build(arch, size, device, frames=1):
 
 
 METHODS = ("none", "builtin", "itm-cfg", "itm-random", "itm-cfg-transformer", "itm-random-transformer",
-           "itm-cfg-temporal")
+           "itm-cfg-queries", "itm-random-queries", "itm-cfg-temporal")
+SCOPE_SUFFIXES = {"-transformer": "transformer", "-queries": "queries"}  # itm-<importance><suffix>: the node's scope
 TEMPORAL_RATIO = 0.5  # itm-cfg-temporal: the advanced node's defaults with this temporal_ratio (--temporal-ratio)
 
 
@@ -132,7 +133,8 @@ def method_spec(name):
     the node (levels / scope go to the simple node, anything else to the Advanced node with its defaults)."""
     base, options = parse_method(name)
     if base.startswith("itm-"):
-        options.setdefault("scope", "transformer" if base.endswith("-transformer") else "attention")
+        options.setdefault("scope", next((scope for suffix, scope in SCOPE_SUFFIXES.items() if base.endswith(suffix)),
+                                         "attention"))
         options.setdefault("levels", "auto")
     return base, options
 
@@ -284,8 +286,8 @@ def site_profile(model, positive, negative, latent):
 def ideal_saving(profile, levels, ratio, kind):
     """Share of an evaluation an ideal merge would save at these levels: attention scope (tokens merged before
     to_q/k/v, unmerged after to_out: kernel × (1 − (1 − r)²), projections × r), transformer scope (the whole block on
-    merged tokens: kernel × (1 − (1 − r)²), the rest of the block × r) or the built-in node (queries only: kernel and
-    to_q/to_out × r, approximated as kernel × r + projections × r / 2)."""
+    merged tokens: kernel × (1 − (1 − r)²), the rest of the block × r) or queries only (the built-in node and
+    ``scope = queries``: kernel and to_q/to_out × r, approximated as kernel × r + projections × r / 2)."""
     step = sum(profile.values())
     saving = 0.0
     for level in levels:
@@ -449,7 +451,7 @@ def profile_lines(profiles, ratios):
                   "| site | levels | " + " | ".join(f"r={r:g}" for r in ratios) + " |",
                   "|---|---|" + "---|" * len(ratios)]
         for kind, level_sets in (("builtin", ["0"]), ("attention", ["auto", "auto+1"]),
-                                 ("transformer", ["auto", "auto+1"])):
+                                 ("transformer", ["auto", "auto+1"]), ("queries", ["auto"])):
             for spec in level_sets:
                 levels_used = {0} if kind == "builtin" else merged_levels(arch, spec)
                 cells = [1 / (1 - ideal_saving(profile, levels_used, r, kind)) for r in ratios]
@@ -490,10 +492,11 @@ def write_outputs(rows, profiles, out, host, device, backend, args):
     for model in dict.fromkeys(r["model"] for r in rows):
         for method, style in (("builtin", ":"), ("itm-cfg", "-"), ("itm-random", "--"),
                               ("itm-cfg-transformer", "-."), ("itm-random-transformer", "-."),
+                              ("itm-cfg-queries", (0, (1, 1))), ("itm-random-queries", (0, (1, 1))),
                               ("itm-cfg-temporal", "-")):
             points = [(r["ratio"], r["speedup_vs_none"]) for r in rows if r["model"] == model and r["method"] == method]
             if points:
-                axes.plot(*zip(*points), style, marker="o", label=f"{model} {method}")
+                axes.plot(*zip(*points), linestyle=style, marker="o", label=f"{model} {method}")
     axes.axhline(1.0, color="grey", linewidth=0.8)
     axes.set_xlabel("merge ratio")
     axes.set_ylabel("speed-up vs no merging")

@@ -8,7 +8,8 @@ at each ratio, with the Pareto front.
 Speed depends on the token counts and the merging site only, not on which tokens are merged: every ``itm-cfg``
 setting and ``itm-random`` take the mean of the measured ``itm-cfg`` and ``itm-random`` speed-ups at the same ratio
 (they differ by measurement noise only; the importance path's matching and weighting are timed inside ``itm-cfg``);
-settings with ``scope=transformer`` take the ``itm-cfg-transformer`` / ``itm-random-transformer`` figures. Also writes a markdown table next to the picture (``.md``).
+settings with ``scope=transformer`` (``scope=queries``) take the ``itm-cfg-transformer`` / ``itm-random-transformer``
+(``-queries``) figures. Also writes a markdown table next to the picture (``.md``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def points(speed_rows, quality_rows, model):
     speed = {(r["method"], round(float(r["ratio"]), 3)): float(r["speedup_vs_none"])
              for r in speed_rows if r["model"] == model and r["speedup_vs_none"]}
     for ratio in {ratio for _, ratio in speed}:  # same token counts, same cost: one figure (their mean) for both
-        for suffix in ("", "-transformer"):
+        for suffix in ("", "-transformer", "-queries"):
             names = (f"itm-cfg{suffix}", f"itm-random{suffix}")
             pair = [speed[(m, ratio)] for m in names if (m, ratio) in speed]
             for m in names:
@@ -38,9 +39,10 @@ def points(speed_rows, quality_rows, model):
         if row["method"] == "none" or not row.get("psnr"):
             continue
         ratio = round(float(row["ratio"]), 3)
-        # options change which tokens merge, not how many, except the merging site: scope = transformer costs less
-        transformer = "scope=transformer" in (row.get("options") or "")
-        key = (row["method"] + ("-transformer" if transformer else ""), ratio)
+        # options change which tokens merge, not how many, except the merging site: scope = transformer costs less,
+        # scope = queries more
+        scope = next((s for s in ("transformer", "queries") if f"scope={s}" in (row.get("options") or "")), None)
+        key = (row["method"] + (f"-{scope}" if scope else ""), ratio)
         if key not in speed:
             continue
         out.append({"label": row["label"], "method": row["method"], "options": row.get("options", ""),

@@ -28,3 +28,13 @@ cd "$repo"
 "$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
   --ratios 0.3,0.5 --methods "none,itm-random:levels=auto+1,itm-cfg:levels=auto+1" --no-effnet \
   --out "$out/euler_cfg4_joint_levels"
+# queries only (keys and values keep every token: the built-in node's site, scope = queries)
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
+  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" \
+  --out "$out/euler_cfg4_joint_queries"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 3 \
+  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" --no-effnet \
+  --out "$out/dpmpp2m_cfg3_joint_queries"
+"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 2 \
+  --ratios 0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" --no-effnet \
+  --out "$out/dpmpp2m_cfg2_joint_queries"

@@ -180,6 +180,22 @@ def test_reference_latent_tokens_stay_unmerged(comfy, scope, family):
     assert run.tokens == {0: (IMAGE, IMAGE // 2)} and run.fallbacks == [] and run.evaluations_with_map == 2
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_queries_scope_falls_back_to_attention_with_a_warning(comfy, family, caplog):
+    """scope = queries is a UNet site: a DiT merges its image queries, keys and values as with scope = attention
+    (the same image) and says so once."""
+    images = {}
+    for scope in ("attention", "queries"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="comfyui_importance_tome"):
+            H.run_prompt(dit_graph(merge=dict(SIMPLE, scope=scope), family=family)[0].prompt)
+        images[scope] = latent("out").clone()
+        assert TEXT + IMAGE // 2 in {c["length"] for c in calls()}
+        warned = [r for r in caplog.records if "scope = queries" in r.getMessage()]
+        assert len(warned) == (1 if scope == "queries" else 0)
+    torch.testing.assert_close(images["queries"], images["attention"])
+
+
 def test_qwen_timestep_zero_references_leave_whole_blocks_unmerged(comfy):
     """Qwen-Image's index_timestep_zero reference method modulates the reference tokens from an index that a block
     replacement cannot move: scope = transformer leaves those runs unmerged with a note (the image is the unmerged

@@ -472,6 +472,27 @@ def test_stable_zero123_views_get_their_own_maps(comfy):
 
 
 @pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
+def test_queries_scope_merges_queries_and_keeps_every_key(comfy, arch, full, kept):
+    """scope = queries: self-attention at the merged level gets N - r queries and all N keys and values (the built-in
+    node's site); the image moves less than with queries, keys and values merged alike (same partitions)."""
+    H.run_prompt(sample_graph(arch, merge=None).prompt)
+    reference = latent("out").clone()
+    drift = {}
+    for scope in ("queries", "attention"):
+        H.run_prompt(sample_graph(arch, merge=dict(SIMPLE, scope=scope)).prompt)
+        drift[scope] = relative = float((latent("out") - reference).norm() / reference.norm())
+        assert torch.isfinite(latent("out")).all() and 1e-6 < relative < 0.25, relative
+        counts = token_counts()
+        if scope == "queries":
+            assert (kept, full) in counts and (kept, kept) not in counts
+        else:
+            assert (kept, kept) in counts and (kept, full) not in counts
+        run = summaries("probe")[-1]
+        assert run.tokens == {{"sd15": 0, "sdxl": 1}[arch]: (full, kept)} and run.evaluations_with_map == 3
+    assert drift["queries"] < drift["attention"], drift
+
+
+@pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
 def test_transformer_scope_runs_whole_stacks_on_merged_tokens(comfy, arch, full, kept):
     H.run_prompt(sample_graph(arch, merge=None).prompt)
     reference = latent("out").clone()

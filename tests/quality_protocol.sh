@@ -3,7 +3,7 @@
 # Settings are chosen on noise seeds 0..119 (--seed-offset 0) and reported here on held-out seeds 10000+.
 # Headline: cond and uncond of a step in ONE model call (--regime joint, what users with enough memory get);
 # the split layout (separate calls, ComfyUI's low-memory path) is reported beside it.
-#   bash tests/quality_protocol.sh [samples]        (about 75 minutes on 2 CPU cores at 200 samples)
+#   bash tests/quality_protocol.sh [samples]        (about 80 minutes on 2 CPU cores at 160 samples)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}

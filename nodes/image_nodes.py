@@ -56,11 +56,11 @@ _COMMON = {
         "default": "attention",
         "tooltip": "attention: only self-attention runs on merged tokens. queries (UNet models): only the "
                    "self-attention queries merge, keys and values keep every token, as in ComfyUI's built-in "
-                   "node: most faithful, less speed per ratio (see the README's speed-fidelity picture); other "
-                   "models use attention instead. transformer: whole "
+                   "node: the most faithful of this pack's sites, less speed per ratio (see the README's "
+                   "speed-fidelity picture); other models use attention instead. transformer: whole "
                    "transformer stacks (self-attention, cross-attention, feed-forward) run on merged tokens, each "
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
-                   "less faithful (on the UNet demo model 7-8 dB further from the unmerged image at ratio "
+                   "less faithful (on the UNet demo model 7-8.5 dB further from the unmerged image at ratio "
                    "0.3-0.5); other "
                    "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, Flux, SD3, "
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
@@ -189,7 +189,7 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "batches): neighbouring frames share the self-attention queries of their most alike tokens, "
                            "so each frame computes 1 - temporal_ratio/2 of its merged queries. 0 = off. Each pair of "
                            "frames then shares one spatial partition (their mean importance). Do not use it on a batch "
-                           "of unrelated images. Needs scope = attention.",
+                           "of unrelated images. Needs scope = attention or queries.",
             }),
             "protect": ("FLOAT", {
                 "default": 0.0, "min": 0.0, "max": 0.9, "step": 0.05,

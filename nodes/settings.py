@@ -56,7 +56,7 @@ class MergeSettings:
         if not 0.0 <= self.temporal_ratio <= 1.0:
             raise ValueError(f"temporal_ratio must be in [0, 1], got {self.temporal_ratio}")
         if self.temporal_ratio > 0 and self.scope == "transformer":
-            raise ValueError("temporal_ratio > 0 needs scope = attention (frames share self-attention queries)")
+            raise ValueError("temporal_ratio > 0 needs scope = attention or queries (frames share self-attention queries)")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(
                 f"need 0 <= start_percent <= end_percent <= 1, got start_percent={self.start_percent}, "

@@ -149,8 +149,9 @@ def merged_levels(arch, levels):
 
 
 def method_models(model, ratios, has_builtin, methods):
-    """(name, ratio, patched ModelPatcher) for every method: itm-<importance>[-transformer][:input=value;…] are this
-    pack's node with levels=auto and scope attention (default) or transformer unless the options say otherwise."""
+    """(name, ratio, patched ModelPatcher) for every method: itm-<importance>[-transformer|-queries][:input=value;…]
+    are this pack's node with levels=auto and scope attention (default), transformer or queries unless the options say
+    otherwise."""
     import nodes
 
     simple = nodes.NODE_CLASS_MAPPINGS["ITM_ImportanceTokenMerging"]()

@@ -71,8 +71,9 @@ def _force_split(monkeypatch):
     (SIMPLE, False),
     (dict(SIMPLE, importance="random"), False),
     (STACK, False),
+    (dict(SIMPLE, scope="queries"), False),
     (dict(ADVANCED, dst_mode="random", warmup_mode="prune"), True),
-], ids=["cfg", "random", "transformer", "paper-config"])
+], ids=["cfg", "random", "transformer", "queries", "paper-config"])
 def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge, advanced):
     """One partition per step and sample: whether ComfyUI evaluates cond and uncond in one call (enough memory) or in
     two (memory short), every partition is the same, so the image is the same within float noise."""

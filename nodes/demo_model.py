@@ -230,6 +230,11 @@ def training_runs(metadata: dict) -> list:
     return training.get("earlier", []) + [training]
 
 
+def training_steps(metadata: dict) -> int:
+    """Training steps of a weights file, over all its runs (0 when the file does not say)."""
+    return sum(run.get("steps", 0) for run in training_runs(metadata))
+
+
 def _patcher(config, state: Optional[dict], load_device):
     """A ComfyUI ModelPatcher of ``config``'s model in fp32 on the CPU; weights from ``state`` (strict) when given."""
     import comfy.model_management  # noqa: PLC0415 (host modules)
@@ -349,7 +354,7 @@ class _DemoLoader:
     def load(self):
         model, clip, vae, metadata = self._load()
         runs = training_runs(metadata)
-        steps = sum(run.get("steps", 0) for run in runs) or "?"
+        steps = training_steps(metadata) or "?"
         prediction = f", {metadata['prediction']} prediction" if "prediction" in metadata else ""
         log.info("Importance Token Merging: %s loaded (%s steps of training in %d run(s)%s, %s)", self.WHAT, steps,
                  len(runs), prediction, metadata.get("format", "unknown format"))

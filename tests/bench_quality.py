@@ -338,8 +338,7 @@ def write_markdown(path, results, args, host, command, metadata, real_accuracy, 
            "auto": "as this machine's free memory gave"}[args.regime] + "); "
         f"{args.sampler}/{args.scheduler}, {args.steps} steps, cfg {args.cfg}. Demo model: "
         f"{metadata.get('family', 'unet')}, {metadata.get('prediction', 'eps')} prediction, "
-        f"{sum(run.get('steps', 0) for run in H.pack_module('nodes.demo_model').training_runs(metadata))} "
-        "training steps. "
+        f"{H.pack_module('nodes.demo_model').training_steps(metadata)} training steps. "
         f"Classifier accuracy on the real test images: "
         f"{real_accuracy:.3f}.",
         "",

@@ -11,30 +11,27 @@ n=${1:-200}
 out=$repo/tests/results/quality
 old="itm-cfg:dst_mode=top;pool_scale=1.4;weight_power=0.0;affinity=0.0"             # the 0.3.0 defaults
 paper="itm-cfg:dst_mode=random;warmup_mode=prune;pool_scale=1.4;weight_power=0.0;affinity=0.0"  # the paper's code
-common=(--samples "$n" --seed-offset 10000 --chunk 20)
+bench() { "$py" tests/bench_quality.py --samples "$n" --seed-offset 10000 --chunk 20 "$@"; }
+euler4=(--sampler euler --scheduler normal --steps 20 --cfg 4)
+dpmpp3=(--sampler dpmpp_2m --scheduler karras --steps 16 --cfg 3)
+dpmpp2=(--sampler dpmpp_2m --scheduler karras --steps 16 --cfg 2)
 cd "$repo"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
-  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old,$paper" --out "$out/euler_cfg4_joint"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 3 \
-  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old" --no-effnet --out "$out/dpmpp2m_cfg3_joint"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 2 \
-  --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/dpmpp2m_cfg2_joint"
-"$py" tests/bench_quality.py "${common[@]}" --regime split --sampler euler --scheduler normal --steps 20 --cfg 4 \
-  --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet --out "$out/euler_cfg4_split"
+bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old,$paper" \
+  --out "$out/euler_cfg4_joint"
+bench --regime joint "${dpmpp3[@]}" --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random,itm-cfg,$old" --no-effnet \
+  --out "$out/dpmpp2m_cfg3_joint"
+bench --regime joint "${dpmpp2[@]}" --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet \
+  --out "$out/dpmpp2m_cfg2_joint"
+bench --regime split "${euler4[@]}" --ratios 0.5,0.7 --methods "none,builtin,itm-random,itm-cfg" --no-effnet \
+  --out "$out/euler_cfg4_split"
 # bigger merging sites (faster, see the speed benchmark): whole transformer stacks, and one level more
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
-  --ratios 0.3,0.5,0.7 --methods "none,itm-random:scope=transformer,itm-cfg:scope=transformer" --no-effnet \
-  --out "$out/euler_cfg4_joint_transformer"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
-  --ratios 0.3,0.5 --methods "none,itm-random:levels=auto+1,itm-cfg:levels=auto+1" --no-effnet \
-  --out "$out/euler_cfg4_joint_levels"
+bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 \
+  --methods "none,itm-random:scope=transformer,itm-cfg:scope=transformer" --no-effnet --out "$out/euler_cfg4_joint_transformer"
+bench --regime joint "${euler4[@]}" --ratios 0.3,0.5 --methods "none,itm-random:levels=auto+1,itm-cfg:levels=auto+1" \
+  --no-effnet --out "$out/euler_cfg4_joint_levels"
 # queries only (keys and values keep every token: the built-in node's site, scope = queries)
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler euler --scheduler normal --steps 20 --cfg 4 \
-  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" \
-  --out "$out/euler_cfg4_joint_queries"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 3 \
-  --ratios 0.3,0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" --no-effnet \
+queries="none,builtin,itm-random:scope=queries,itm-cfg:scope=queries"
+bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --out "$out/euler_cfg4_joint_queries"
+bench --regime joint "${dpmpp3[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --no-effnet \
   --out "$out/dpmpp2m_cfg3_joint_queries"
-"$py" tests/bench_quality.py "${common[@]}" --regime joint --sampler dpmpp_2m --scheduler karras --steps 16 --cfg 2 \
-  --ratios 0.5,0.7 --methods "none,builtin,itm-random:scope=queries,itm-cfg:scope=queries" --no-effnet \
-  --out "$out/dpmpp2m_cfg2_joint_queries"
+bench --regime joint "${dpmpp2[@]}" --ratios 0.5,0.7 --methods "$queries" --no-effnet --out "$out/dpmpp2m_cfg2_joint_queries"

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 
 from ..merging import TokenGrid
 from . import joint
+from .dit import VIDEO_WEIGHTING
 from .settings import MergeSettings
 
 
@@ -23,6 +24,7 @@ def supports(model) -> bool:
 
 class HunyuanRuntime(joint.JointRuntime):
     family = "HunyuanVideo"
+    MERGE_WEIGHTING = VIDEO_WEIGHTING  # WAN's (measured there; HunyuanVideo's fidelity is not measured)
     IMAGE_STREAM_HEAD = None  # a reference latent may be prepended to the image stream
 
     def read_input(self, net, x, args, kwargs) -> Optional[Tuple[TokenGrid, int]]:

@@ -10,7 +10,7 @@ import logging
 from . import flux, hunyuan, lumina, pixart, qwen, sd3, unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
-    CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
+    AUTO, CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
     WARMUP_MODES,
     MergeSettings,
 )
@@ -199,16 +199,19 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "protected).",
             }),
             "weight_power": ("FLOAT", {
-                "default": 3.0, "min": 0.0, "max": 4.0, "step": 0.25,
+                "default": AUTO, "min": AUTO, "max": 4.0, "step": 0.25,
                 "tooltip": "0 = merged tokens are plain averages. > 0: importance-weighted averages (weight = "
                            "(importance / mean importance) ^ weight_power), so each merged slot stays close to its "
-                           "most important token. Beyond the paper.",
+                           "most important token. Beyond the paper. -1 = the model family's value: 3 on UNets and "
+                           "image transformers, 0 on WAN and HunyuanVideo (there weighting measured less faithful "
+                           "than plain ToMe).",
             }),
             "affinity": ("FLOAT", {
-                "default": 0.2, "min": 0.0, "max": 0.95, "step": 0.05,
+                "default": AUTO, "min": AUTO, "max": 0.95, "step": 0.05,
                 "tooltip": "0 = tokens merge into the destination whose features are most alike (ToMe). > 0: that "
                            "share of the similarity comes from how alike the two tokens' importance is, so background "
-                           "tokens merge into background and detail into detail. Beyond the paper.",
+                           "tokens merge into background and detail into detail. Beyond the paper. -1 = the model "
+                           "family's value: 0.2 on UNets and image transformers, 0 on WAN and HunyuanVideo.",
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",
@@ -231,8 +234,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
-              partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=3.0,
-              affinity=0.2, video_tokens="per_frame", proportional_attention=True, unique_id=None):
+              partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=AUTO,
+              affinity=AUTO, video_tokens="per_frame", proportional_attention=True, unique_id=None):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,
                                  pool_scale=pool_scale, dst_mode=dst_mode, warmup_mode=warmup_mode, cfg1_mode=cfg1_mode,

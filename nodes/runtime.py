@@ -34,7 +34,7 @@ from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 import torch
 
 from ..merging import Partition, TemporalShare, TokenGrid, importance_map, quantise_map
-from .settings import MergeSettings, sigma_range
+from .settings import DEFAULT_WEIGHTING, MergeSettings, sigma_range
 
 log = logging.getLogger("comfyui_importance_tome")
 
@@ -147,9 +147,12 @@ def chunk_ids(extra: dict, count: int) -> FrozenSet:
 class MergeRuntime:
     """Everything the patches need: settings, the active range and the current run's state."""
 
+    # (weight_power, affinity) that an "auto" setting takes on this model family (the quality benchmarks' choice)
+    MERGE_WEIGHTING: Tuple[float, float] = DEFAULT_WEIGHTING
+
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
-        self.settings = settings
+        self.settings = settings.with_weighting(*self.MERGE_WEIGHTING)
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
         # a weak reference, so deep copies of model_options (2024 host) never copy the model
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)

@@ -1,6 +1,7 @@
 """What a user chose in a node: validated once, frozen, shared by every run of the patched model."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import FrozenSet, Optional, Tuple
 
@@ -15,6 +16,8 @@ PARTITION_REUSE = ("stage", "level", "block")
 VIDEO_TOKENS = ("per_frame", "across_frames")  # video DiTs: merge within each latent frame, or across the clip
 TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
+AUTO = -1.0  # weight_power / affinity: the model family's value (MergeRuntime.MERGE_WEIGHTING)
+DEFAULT_WEIGHTING = (3.0, 0.2)  # (weight_power, affinity) of "auto" on UNets and image DiTs (quality benchmark)
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,10 @@ class MergeSettings:
     partition_reuse: str = "stage"  # one partition per level and UNet stage (down / middle / up) per model call
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
     protect: float = 0.0  # fraction of tokens, the most important, never merged away
-    weight_power: float = 3.0  # > 0: importance-weighted mean merging (the paper: 0, plain mean)
-    affinity: float = 0.2  # > 0: matching also prefers destinations of similar importance (the paper: 0)
+    # > 0: importance-weighted mean merging (the paper: 0, plain mean); AUTO: the model family's value (3 on UNets
+    # and image DiTs, 0 on video DiTs, where weighting measured 3 dB worse)
+    weight_power: float = AUTO
+    affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2 / 0
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
     # DiTs, attention site: merged image keys count as many times as the tokens they stand for (ToMe's proportional
     # attention; about +1 to +2 dB on the image and video DiT demo models); UNets ignore it (measured worse there)
@@ -68,6 +73,10 @@ class MergeSettings:
             raise ValueError(f"protect must be in [0, 1), got {self.protect}")
         if not self.pool_scale >= 1.0:
             raise ValueError(f"pool_scale must be >= 1, got {self.pool_scale}")
+        if not (self.weight_power == AUTO or 0.0 <= self.weight_power):
+            raise ValueError(f"weight_power must be >= 0 (or -1 = the model family's value), got {self.weight_power}")
+        if not (self.affinity == AUTO or 0.0 <= self.affinity < 1.0):
+            raise ValueError(f"affinity must be in [0, 1) (or -1 = the model family's value), got {self.affinity}")
         for name, config in (("importance", self.importance_config()), ("random", self.random_config())):
             limit = max_ratio(config)
             if not 0.0 <= self.ratio <= limit + 1e-9:
@@ -75,9 +84,19 @@ class MergeSettings:
                          if name == "importance" else " with 2x2 random cells (warm-up / random mode)")
                 raise ValueError(f"ratio must be in [0, {limit:.3f}]{extra}, got {self.ratio}")
 
+    def with_weighting(self, weight_power: float, affinity: float) -> "MergeSettings":
+        """These settings with an ``auto`` (:data:`AUTO`) weight_power / affinity replaced by a model family's
+        values; values the user chose are kept."""
+        chosen = {name: value for name, value in (("weight_power", weight_power), ("affinity", affinity))
+                  if getattr(self, name) == AUTO}
+        return dataclasses.replace(self, **chosen) if chosen else self
+
     def importance_config(self) -> ImportanceConfig:
+        """The partition's settings; a weighting still ``auto`` here (no family resolved it) is
+        :data:`DEFAULT_WEIGHTING`."""
+        resolved = self.with_weighting(*DEFAULT_WEIGHTING)
         return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect,
-                                weight_power=self.weight_power, affinity=self.affinity)
+                                weight_power=resolved.weight_power, affinity=resolved.affinity)
 
     def random_config(self) -> RandomGridConfig:
         return RandomGridConfig(self.ratio)

@@ -20,7 +20,7 @@ def _modern(comfy):
 
 
 def wan_graph(merge=SIMPLE, width=64, height=48, length=9, batch=1, steps=3, cfg=5.0, seed=3, sampler="euler",
-              layers=2, record=True):
+              layers=2, record=True, node="ITM_ImportanceTokenMerging"):
     """tiny WAN -> [recorder] -> [merging] -> runtime probe -> KSampler -> stats. 64x48, 9 frames: latent 3x6x8,
     tokens 3 frames x 3x4 = 36."""
     g = Graph()
@@ -29,7 +29,7 @@ def wan_graph(merge=SIMPLE, width=64, height=48, length=9, batch=1, steps=3, cfg
     if record:
         model = g.add("HostTestAttentionRecorder", "rec", model=model)[0]
     if merge is not None:
-        model = g.add("ITM_ImportanceTokenMerging", "merge", model=model, **merge)[0]
+        model = g.add(node, "merge", model=model, **merge)[0]
     model = g.add("HostTestRuntimeProbe", "probe", model=model)[0]
     empty = g.add("EmptyHunyuanLatentVideo", width=width, height=height, length=length, batch_size=batch)
     sampled = g.add("KSampler", "sampler", model=model, positive=tiny[1], negative=tiny[2], latent_image=empty[0],
@@ -77,6 +77,38 @@ def test_importance_map_is_used_and_random_is_plain_tome(comfy):
     H.run_prompt(wan_graph(merge=dict(SIMPLE, importance="random"), steps=4).prompt)
     run = last_run()
     assert run.maps_captured == 0 and run.evaluations_without_map == 4 and run.tokens == {0: (36, 18)}
+
+
+ADVANCED = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge", cfg1_mode="random",
+                merge_cross_attn=False, merge_seed=0)
+
+
+def test_video_dits_merge_with_plain_means_by_default(comfy):
+    """weight_power / affinity "auto" (-1, the defaults) are 0 / 0 on video DiTs (plain means: the importance weighting
+    of the image models measured worse on the video demo model) and 3 / 0.2 elsewhere; a chosen value is kept."""
+    settings = H.pack_module("nodes.settings")
+    wan, unet = H.pack_module("nodes.wan"), H.pack_module("nodes.unet")
+    auto = settings.MergeSettings()
+    assert (auto.weight_power, auto.affinity) == (settings.AUTO, settings.AUTO)
+    assert (wan.WanRuntime(auto).settings.weight_power, wan.WanRuntime(auto).settings.affinity) == (0.0, 0.0)
+    assert (unet.UNetRuntime(auto).settings.weight_power, unet.UNetRuntime(auto).settings.affinity) == (3.0, 0.2)
+    chosen = settings.MergeSettings(weight_power=2.0, affinity=0.0)
+    assert (wan.WanRuntime(chosen).settings.weight_power, wan.WanRuntime(chosen).settings.affinity) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="weight_power"):
+        settings.MergeSettings(weight_power=-0.5)
+
+    videos = {}
+    for name, node, merge in (("simple", "ITM_ImportanceTokenMerging", SIMPLE),
+                              ("advanced auto", "ITM_ImportanceTokenMergingAdvanced", ADVANCED),
+                              ("plain", "ITM_ImportanceTokenMergingAdvanced",
+                               dict(ADVANCED, weight_power=0.0, affinity=0.0)),
+                              ("weighted", "ITM_ImportanceTokenMergingAdvanced",
+                               dict(ADVANCED, weight_power=3.0, affinity=0.2))):
+        H.run_prompt(wan_graph(merge=merge, node=node, steps=4).prompt)
+        assert last_run().evaluations_with_map == 3
+        videos[name] = latent("out").clone()
+    assert torch.equal(videos["simple"], videos["plain"]) and torch.equal(videos["advanced auto"], videos["plain"])
+    assert float((videos["weighted"] - videos["plain"]).abs().max()) > 1e-5  # the weighting does act here
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -9,7 +9,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}
 n=${1:-48}
 out=$repo/tests/results/quality_video
-common=(--samples "$n" --seed-offset 10000 --chunk 16 --regime joint --steps 20 --sampler euler --scheduler simple)
+base=(--samples "$n" --seed-offset 10000 --chunk 16 --regime joint)
+common=("${base[@]}" --steps 20 --sampler euler --scheduler simple)
 # the euler_cfg4 / euler_cfg1 / explore folders were written before proportional_attention existed (= false)
 plain="proportional_attention=false"
 prop="proportional_attention=true"
@@ -22,6 +23,15 @@ cd "$repo"
 # "--methods none,itm-random,itm-cfg" once the default was on (its md shows that command)
 "$py" tests/bench_video_quality.py "${common[@]}" --cfg 4 --ratios 0.5 \
   --methods "none,itm-random:$prop,itm-cfg:$prop" --out "$out/euler_cfg4_proportional"
+# plain means on video DiTs (weight_power / affinity "auto" = 0 / 0 there since they were measured): ratios 0.3-0.7,
+# euler and dpmpp_2m, against random ToMe and against the image models' weighting (3 / 0.2, the earlier default)
+"$py" tests/bench_video_quality.py "${common[@]}" --cfg 4 --ratios 0.3,0.5,0.7 \
+  --methods "none,itm-random,itm-cfg,itm-cfg:weight_power=3.0;affinity=0.2" --out "$out/euler_cfg4_plain"
+"$py" tests/bench_video_quality.py "${base[@]}" --steps 16 --sampler dpmpp_2m --scheduler karras --cfg 3 \
+  --ratios 0.5,0.7 --methods "none,itm-random,itm-cfg,itm-cfg:weight_power=3.0;affinity=0.2" \
+  --out "$out/dpmpp2m_cfg3_plain"
+"$py" tests/bench_video_quality.py "${common[@]}" --cfg 1 --ratios 0.5 \
+  --methods "none,itm-random,itm-cfg:cfg1_mode=change" --out "$out/euler_cfg1_plain"
 # cfg 1 (distilled / guidance-free runs): the CFG-free importance source vs random ToMe
 "$py" tests/bench_video_quality.py "${common[@]}" --cfg 1 --ratios 0.5 \
   --methods "none,itm-random:$plain,itm-cfg:cfg1_mode=change;$plain" --out "$out/euler_cfg1"

@@ -40,9 +40,10 @@ class MergeSettings:
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
     protect: float = 0.0  # fraction of tokens, the most important, never merged away
     # > 0: importance-weighted mean merging (the paper: 0, plain mean); AUTO: the model family's value (3 on UNets
-    # and image DiTs, 0 on video DiTs, where weighting measured 3 dB worse)
+    # and image DiTs; 0 at the UNet queries site and on video DiTs, where plain means measured better)
     weight_power: float = AUTO
-    affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2 / 0
+    affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2
+    # (0 on video DiTs)
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
     # DiTs, attention site: merged image keys count as many times as the tokens they stand for (ToMe's proportional
     # attention; about +1 to +2 dB on the image and video DiT demo models); UNets ignore it (measured worse there)

@@ -3,7 +3,7 @@
 # Settings are chosen on noise seeds 0..119 (--seed-offset 0) and reported here on held-out seeds 10000+.
 # Headline: cond and uncond of a step in ONE model call (--regime joint, what users with enough memory get);
 # the split layout (separate calls, ComfyUI's low-memory path) is reported beside it.
-#   bash tests/quality_protocol.sh [samples]        (about 80 minutes on 2 CPU cores at 160 samples)
+#   bash tests/quality_protocol.sh [samples]        (about 105 minutes on 2 CPU cores at 160 samples)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${ITM_PYTHON_BENCH:-$repo/.venv/bin/python}
@@ -29,9 +29,15 @@ bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 \
   --methods "none,itm-random:scope=transformer,itm-cfg:scope=transformer" --no-effnet --out "$out/euler_cfg4_joint_transformer"
 bench --regime joint "${euler4[@]}" --ratios 0.3,0.5 --methods "none,itm-random:levels=auto+1,itm-cfg:levels=auto+1" \
   --no-effnet --out "$out/euler_cfg4_joint_levels"
-# queries only (keys and values keep every token: the built-in node's site, scope = queries)
-queries="none,builtin,itm-random:scope=queries,itm-cfg:scope=queries"
-bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --out "$out/euler_cfg4_joint_queries"
-bench --regime joint "${dpmpp3[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --no-effnet \
-  --out "$out/dpmpp2m_cfg3_joint_queries"
-bench --regime joint "${dpmpp2[@]}" --ratios 0.5,0.7 --methods "$queries" --no-effnet --out "$out/dpmpp2m_cfg2_joint_queries"
+# queries only (keys and values keep every token: the built-in node's site, scope = queries). First with the attention
+# site's importance-weighted means (weight_power 3 / affinity 0.2: what "auto" gave at this site when these folders
+# were written, so their labels say only scope=queries), then with plain means (the queries site's "auto" now)
+for weighting in "weight_power=3.0;affinity=0.2:" "weight_power=0.0:_plain"; do
+  queries="none,builtin,itm-random:scope=queries,itm-cfg:scope=queries;${weighting%%:*}"
+  tail=${weighting#*:}
+  bench --regime joint "${euler4[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --out "$out/euler_cfg4_joint_queries$tail"
+  bench --regime joint "${dpmpp3[@]}" --ratios 0.3,0.5,0.7 --methods "$queries" --no-effnet \
+    --out "$out/dpmpp2m_cfg3_joint_queries$tail"
+  bench --regime joint "${dpmpp2[@]}" --ratios 0.5,0.7 --methods "$queries" --no-effnet \
+    --out "$out/dpmpp2m_cfg2_joint_queries$tail"
+done

@@ -492,6 +492,26 @@ def test_queries_scope_merges_queries_and_keeps_every_key(comfy, arch, full, kep
     assert drift["queries"] < drift["attention"], drift
 
 
+def test_auto_weighting_is_plain_means_at_the_queries_site(comfy):
+    """weight_power / affinity left at "auto" (-1, the defaults): plain means (0 / 0.2) at the queries site, where
+    they measured better, and the importance-weighted means (3 / 0.2) at the attention site, as before."""
+    defaults = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
+    images = {}
+    for scope in ("queries", "attention"):
+        H.run_prompt(sample_graph(merge=dict(SIMPLE, scope=scope)).prompt)
+        images[scope, "simple"] = latent("out").clone()
+        for weighting in ((0.0, 0.2), (3.0, 0.2)):
+            merge = dict(defaults, scope=scope, weight_power=weighting[0], affinity=weighting[1])
+            H.run_prompt(sample_graph(merge=merge, advanced=True).prompt)
+            assert summaries("probe")[-1].evaluations_with_map == 3
+            images[scope, weighting] = latent("out").clone()
+    assert torch.equal(images["queries", "simple"], images["queries", (0.0, 0.2)])
+    assert torch.equal(images["attention", "simple"], images["attention", (3.0, 0.2)])
+    for scope in ("queries", "attention"):  # the weighting does act at both sites
+        assert float((images[scope, (0.0, 0.2)] - images[scope, (3.0, 0.2)]).abs().max()) > 1e-6, scope
+
+
 @pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
 def test_transformer_scope_runs_whole_stacks_on_merged_tokens(comfy, arch, full, kept):
     H.run_prompt(sample_graph(arch, merge=None).prompt)

@@ -203,8 +203,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "0 = merged tokens are plain averages. > 0: importance-weighted averages (weight = "
                            "(importance / mean importance) ^ weight_power), so each merged slot stays close to its "
                            "most important token. Beyond the paper. -1 = the model family's value: 3 on UNets and "
-                           "image transformers, 0 with scope = queries and on WAN and HunyuanVideo (plain means "
-                           "measured more faithful there).",
+                           "image transformers, 0 with scope = queries and on PixArt, WAN and HunyuanVideo (plain "
+                           "means measured more faithful there).",
             }),
             "affinity": ("FLOAT", {
                 "default": AUTO, "min": AUTO, "max": 0.95, "step": 0.05,

@@ -54,6 +54,9 @@ def merged_blocks(depth: int, levels: str) -> List[int]:
 
 class PixArtRuntime(joint.PatchedLatentRuntime):
     family = "PixArt"
+    # "auto" weighting: plain means (the paper's), which measured more faithful than the image models' weighting on the
+    # PixArt demo model (README "PixArt")
+    MERGE_WEIGHTING = (0.0, 0.2)
     BLOCKS = ()
     CROSS_ATTN = True
 

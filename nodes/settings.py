@@ -40,7 +40,7 @@ class MergeSettings:
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
     protect: float = 0.0  # fraction of tokens, the most important, never merged away
     # > 0: importance-weighted mean merging (the paper: 0, plain mean); AUTO: the model family's value (3 on UNets
-    # and image DiTs; 0 at the UNet queries site and on video DiTs, where plain means measured better)
+    # and image DiTs; 0 at the UNet queries site, on PixArt and on video DiTs, where plain means measured better)
     weight_power: float = AUTO
     affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2
     # (0 on video DiTs)

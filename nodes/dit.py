@@ -17,10 +17,6 @@ from ..merging import TokenGrid, attention_with_key_bias, frame_partition, key_b
 from .runtime import LevelMerge, MergeRuntime, chunk_ids, detach
 
 SITE = 0  # one merge site per video DiT (the preview's "level")
-# (weight_power, affinity) of "auto" on video DiTs (WAN, HunyuanVideo): plain means, as in the paper. On the video
-# demo model the image models' importance weighting (3, 0.2) was 2.7-3.7 dB (euler) and 1.0-1.4 dB (dpmpp_2m) less
-# faithful than random ToMe at ratios 0.3-0.7; plain means are level with it or ahead (README "Video fidelity")
-VIDEO_WEIGHTING = (0.0, 0.0)
 OVERRIDE = "optimized_attention_override"
 
 

@@ -11,8 +11,7 @@ from typing import Optional, Tuple
 
 from ..merging import TokenGrid
 from . import joint
-from .dit import VIDEO_WEIGHTING
-from .settings import MergeSettings
+from .settings import VIDEO_WEIGHTING, MergeSettings
 
 
 def supports(model) -> bool:

@@ -28,7 +28,7 @@ import torch
 
 from . import joint
 from .runtime import attach, runtime_of
-from .settings import MergeSettings
+from .settings import PLAIN_WEIGHTING, MergeSettings
 
 log = logging.getLogger("comfyui_importance_tome")
 
@@ -54,9 +54,7 @@ def merged_blocks(depth: int, levels: str) -> List[int]:
 
 class PixArtRuntime(joint.PatchedLatentRuntime):
     family = "PixArt"
-    # "auto" weighting: plain means (the paper's), which measured more faithful than the image models' weighting on the
-    # PixArt demo model (README "PixArt")
-    MERGE_WEIGHTING = (0.0, 0.2)
+    MERGE_WEIGHTING = PLAIN_WEIGHTING  # the paper's plain means: more faithful on the PixArt demo model
     BLOCKS = ()
     CROSS_ATTN = True
 

@@ -152,14 +152,14 @@ class MergeRuntime:
 
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
-        self.settings = settings.with_weighting(*self.weighting_for(settings))
+        self.settings = settings.with_weighting(self.weighting_for(settings))
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
         # a weak reference, so deep copies of model_options (2024 host) never copy the model
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
         self.managed = managed  # True when a host wrapper starts and ends each run
         self.history = history if history is not None else []
         self.live = live  # called with (runtime, StepPreview) at the end of each merged evaluation (web UI preview)
-        self.run = RunState(settings)
+        self.run = RunState(self.settings)
 
     @classmethod
     def weighting_for(cls, settings: MergeSettings) -> Tuple[float, float]:

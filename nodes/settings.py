@@ -17,7 +17,12 @@ VIDEO_TOKENS = ("per_frame", "across_frames")  # video DiTs: merge within each l
 TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
 AUTO = -1.0  # weight_power / affinity: the model family's value (MergeRuntime.MERGE_WEIGHTING)
-DEFAULT_WEIGHTING = (3.0, 0.2)  # (weight_power, affinity) of "auto" on UNets and image DiTs (quality benchmark)
+# (weight_power, affinity) that "auto" takes, chosen by the quality benchmarks (README "Quality benchmark", "PixArt",
+# "Video fidelity"): importance-weighted slot means on UNets (attention / transformer sites) and image DiTs; plain
+# means at the UNet queries site and on PixArt; plain means without importance affinity on video DiTs
+DEFAULT_WEIGHTING = (3.0, 0.2)
+PLAIN_WEIGHTING = (0.0, 0.2)
+VIDEO_WEIGHTING = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -85,19 +90,24 @@ class MergeSettings:
                          if name == "importance" else " with 2x2 random cells (warm-up / random mode)")
                 raise ValueError(f"ratio must be in [0, {limit:.3f}]{extra}, got {self.ratio}")
 
-    def with_weighting(self, weight_power: float, affinity: float) -> "MergeSettings":
-        """These settings with an ``auto`` (:data:`AUTO`) weight_power / affinity replaced by a model family's
-        values; values the user chose are kept."""
-        chosen = {name: value for name, value in (("weight_power", weight_power), ("affinity", affinity))
-                  if getattr(self, name) == AUTO}
-        return dataclasses.replace(self, **chosen) if chosen else self
+    def weighting(self, family: Tuple[float, float] = DEFAULT_WEIGHTING) -> Tuple[float, float]:
+        """(weight_power, affinity): the values the user chose, ``auto`` (:data:`AUTO`) ones taken from ``family``."""
+        return (family[0] if self.weight_power == AUTO else self.weight_power,
+                family[1] if self.affinity == AUTO else self.affinity)
+
+    def with_weighting(self, family: Tuple[float, float]) -> "MergeSettings":
+        """These settings with an ``auto`` weight_power / affinity replaced by a model family's values."""
+        weight_power, affinity = self.weighting(family)
+        if (weight_power, affinity) == (self.weight_power, self.affinity):
+            return self
+        return dataclasses.replace(self, weight_power=weight_power, affinity=affinity)
 
     def importance_config(self) -> ImportanceConfig:
         """The partition's settings; a weighting still ``auto`` here (no family resolved it) is
         :data:`DEFAULT_WEIGHTING`."""
-        resolved = self.with_weighting(*DEFAULT_WEIGHTING)
+        weight_power, affinity = self.weighting()
         return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect,
-                                weight_power=resolved.weight_power, affinity=resolved.affinity)
+                                weight_power=weight_power, affinity=affinity)
 
     def random_config(self) -> RandomGridConfig:
         return RandomGridConfig(self.ratio)

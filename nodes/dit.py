@@ -158,10 +158,15 @@ class VideoDiTRuntime(MergeRuntime):
         index = [int(i) for i in (getattr(window, "index_list", None) or [])]
         return index if len(index) == grid.frames else None
 
+    def crop_map(self, imap: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+        """The frames of the CFG map ([B, T, H, W]) that hold the merged tokens (LTX-Video: not its keyframes)."""
+        return imap
+
     def _map_rows(self, samples: int, extra: dict, grid: TokenGrid) -> Optional[torch.Tensor]:
         imap = self.run.map
         if imap is None or imap.ndim != 4:
             return None
+        imap = self.crop_map(imap, grid)
         index = self._window(extra, grid)
         if index is not None and max(index) < imap.shape[1]:  # a window: the map's frames of the window, in order
             imap = imap[:, torch.as_tensor(index, dtype=torch.long, device=imap.device)]

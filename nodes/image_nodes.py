@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from . import flux, hunyuan, lumina, pixart, qwen, sd3, unet, wan
+from . import flux, hunyuan, lumina, ltxv, pixart, qwen, sd3, unet, wan
 from .preview import LivePreview, MergePreview
 from .settings import (
     AUTO, CFG1_MODES, IMPORTANCE_SOURCES, LEVEL_CHOICES, MAX_RATIO, PARTITION_REUSE, SCOPES, TILE_CHOICES, VIDEO_TOKENS,
@@ -21,7 +21,7 @@ log = logging.getLogger("comfyui_importance_tome")
 CATEGORY = "model_patches/token_merging"
 
 _MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; on "
-                                  "current ComfyUI also WAN 2.x and HunyuanVideo (per latent frame), Flux, SD3 / SD3.5, "
+                                  "current ComfyUI also WAN 2.x, HunyuanVideo and LTX-Video (per latent frame), Flux, SD3 / SD3.5, "
                                   "Qwen-Image, Z-Image / Lumina 2 and PixArt-α / Σ (image tokens only; text and "
                                   "reference tokens never merge). Other "
                                   "models pass through unchanged with a warning."})
@@ -48,8 +48,8 @@ _COMMON = {
         "default": "auto",
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
-                   "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, Flux, SD3, "
-                   "Qwen-Image, Z-Image): not used (every block is merged). PixArt: auto = the paper's blocks "
+                   "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, LTX-Video, "
+                   "Flux, SD3, Qwen-Image, Z-Image): not used (every block is merged). PixArt: auto = the paper's blocks "
                    "(the middle half: 7-20 of 28), auto+1 = every block.",
     }),
     "scope": (list(SCOPES), {
@@ -62,7 +62,7 @@ _COMMON = {
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
                    "less faithful (on the UNet demo model 7-8.5 dB further from the unmerged image at ratio "
                    "0.3-0.5); other "
-                   "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, Flux, SD3, "
+                   "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, LTX-Video, Flux, SD3, "
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
                    "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
                    "less faithful on the video demo model, less on the image DiT demo model). Z-Image / Lumina 2 "
@@ -77,7 +77,7 @@ _HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id in the graph: the live pre
 
 
 # one per model family: supports(model) -> bool, apply(model, settings, live) -> model
-ADAPTERS = (unet, wan, hunyuan, flux, sd3, qwen, lumina, pixart)
+ADAPTERS = (unet, wan, hunyuan, ltxv, flux, sd3, qwen, lumina, pixart)
 
 
 def _patch(model, settings: MergeSettings, node_id=None):
@@ -203,7 +203,7 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "0 = merged tokens are plain averages. > 0: importance-weighted averages (weight = "
                            "(importance / mean importance) ^ weight_power), so each merged slot stays close to its "
                            "most important token. Beyond the paper. -1 = the model family's value: 3 on UNets and "
-                           "image transformers, 0 with scope = queries and on PixArt, WAN and HunyuanVideo (plain "
+                           "image transformers, 0 with scope = queries and on PixArt and the video transformers (plain "
                            "means measured more faithful there).",
             }),
             "affinity": ("FLOAT", {
@@ -211,18 +211,19 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "0 = tokens merge into the destination whose features are most alike (ToMe). > 0: that "
                            "share of the similarity comes from how alike the two tokens' importance is, so background "
                            "tokens merge into background and detail into detail. Beyond the paper. -1 = the model "
-                           "family's value: 0.2 on UNets and image transformers, 0 on WAN and HunyuanVideo.",
+                           "family's value: 0.2 on UNets and image transformers, 0 on the video transformers (WAN, "
+                           "HunyuanVideo, LTX-Video).",
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",
-                "tooltip": "Video transformers (WAN, HunyuanVideo): per_frame = tokens merge only with tokens of the "
+                "tooltip": "Video transformers (WAN, HunyuanVideo, LTX-Video): per_frame = tokens merge only with tokens of the "
                            "same latent frame and every frame keeps the same share; across_frames = spatio-temporal "
                            "merging, a token may merge into the most alike destination of any frame (static regions "
                            "merge over time; frames keep different shares). Ignored on UNet models.",
             }),
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
-                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN), scope = "
+                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video), scope = "
                            "attention: each merged image token counts as many times as the tokens it stands for (log "
                            "of the count added to its attention logits, as in ToMe), so merged regions keep their "
                            "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "

@@ -39,6 +39,7 @@ class JointRuntime(VideoDiTRuntime):
     WRAPPER = "DIFFUSION_MODEL"  # the wrapper kind that sees the latent (APPLY_MODEL: executor.class_obj is BaseModel)
     BLOCK_INFO = True  # the model puts block_type / block_index in transformer_options (SD3's MMDiT does not)
     IMAGE_STREAM_HEAD: Optional[int] = 0  # tokens before the image part of a double block's image stream (None: varies)
+    BLOCK_MASK_KEYS = ("attn_mask", "attention_mask")  # block arguments holding a mask over the joint sequence
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -51,6 +52,27 @@ class JointRuntime(VideoDiTRuntime):
         """(image token grid, tokens after the image part) of a forward of ``net`` on ``x``, or None (not merged,
         not counted). To run a forward unmerged with a note, set ``self.refusal`` and return the layout."""
         raise NotImplementedError
+
+    def block_data(self, args: dict, plan: LevelMerge) -> dict:
+        """The block arguments besides the tokens that must travel with the merged image tokens
+        (``scope = transformer``): here RoPE over the whole joint sequence (``pe``, token axis 2), its image part
+        gathered (each slot takes its kept token's). Gathered once per forward and partition."""
+        pe = args.get("pe")
+        if not isinstance(pe, torch.Tensor) or pe.ndim < 3 or self.image_start(pe.shape[2]) < 0:
+            return {}
+        return {"pe": self.gathered(pe, 2, plan)}
+
+    def gathered(self, t: torch.Tensor, axis: int, plan: LevelMerge) -> torch.Tensor:
+        """``t`` ([..., sequence, ...] along ``axis``, covering the whole sequence) with its image part gathered
+        with the merged tokens, cached per forward, tensor and partition (the blocks of a forward share one)."""
+        cache = self.run.partitions  # reset every forward
+        key = ("gathered", id(t), axis, id(plan))
+        if key not in cache or cache[key][0] is not t:
+            start, image = self.image_start(t.shape[axis]), self.grid.num_tokens
+            moved = plan.partition.gather(t.narrow(axis, start, image).transpose(1, axis)).transpose(1, axis)
+            cache[key] = (t, torch.cat([t.narrow(axis, 0, start), moved,
+                                        t.narrow(axis, start + image, t.shape[axis] - start - image)], dim=axis))
+        return cache[key][1]
 
     def image_start(self, length: int) -> int:
         """Where the image tokens start in a ``length``-token sequence (< 0: too short to hold them)."""
@@ -241,8 +263,6 @@ class BlockMerge:
     """``patches_replace["dit"]`` for a double or single block (``scope = transformer``): the block runs on the merged
     image tokens (text and reference tokens unmerged), and every image token adds its slot's update to its input."""
 
-    MASK_KEYS = ("attn_mask", "attention_mask")  # Flux's and HunyuanVideo's name for the block argument
-
     def __init__(self, kind: str, previous=None, index: Optional[int] = None) -> None:
         self.kind = kind  # "double_block" or "single_block"
         self.index = index  # the block's index (SD3 does not put it in transformer_options)
@@ -273,7 +293,7 @@ class BlockMerge:
         part = plan.partition
         kept = part.sizes.num_kept
         block_args = dict(args)
-        for key in self.MASK_KEYS:
+        for key in runtime.BLOCK_MASK_KEYS:
             if args.get(key) is not None:
                 usable, block_args[key] = _mask_for(args[key], kept, runtime)
                 if not usable:
@@ -286,15 +306,7 @@ class BlockMerge:
         img = x[:, start:end]
         merged = part.merge(img, plan.mode)
         block_args["img"] = torch.cat([x[:, :start], merged, x[:, end:]], dim=1)
-        pe = args.get("pe")  # RoPE over the whole joint sequence in both kinds of block: token axis 2
-        if isinstance(pe, torch.Tensor) and pe.ndim >= 3 and runtime.image_start(pe.shape[2]) >= 0:
-            cache = runtime.run.partitions  # reset every forward: the blocks of a forward share one gather
-            key = ("gathered", "pe", id(plan))
-            if key not in cache or cache[key][0] is not pe:
-                pe_start = runtime.image_start(pe.shape[2])
-                moved = part.gather(pe[:, :, pe_start:pe_start + image].transpose(1, 2)).transpose(1, 2)
-                cache[key] = (pe, torch.cat([pe[:, :, :pe_start], moved, pe[:, :, pe_start + image:]], dim=2))
-            block_args["pe"] = cache[key][1]
+        block_args.update(runtime.block_data(args, plan))
         out = run_block(block_args)
         runtime.run.summary.merged_calls += 1
         result = out["img"]

@@ -512,6 +512,34 @@ def tiny_hunyuan_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=12))
 
 
+def ltxv_config(heads: int = 2, head_dim: int = 32, layers: int = 2, text_dim: int = 32, rope: str = "interleaved") -> dict:
+    """An LTX-Video config (ComfyUI's own LTXVModel; the real LTX-Video 2B is 32 heads of 64, 28 layers, text 4096,
+    interleaved RoPE; LTX-Video 13B 32 heads of 128, 48 layers). ``rope = "split"``: the other RoPE layout."""
+    return {"image_model": "ltxv", "in_channels": 128, "num_attention_heads": heads, "attention_head_dim": head_dim,
+            "cross_attention_dim": heads * head_dim, "caption_channels": text_dim, "num_layers": layers,
+            "rope_type": rope}
+
+
+def tiny_ltxv_model(seed: int = 0, device=None, audio: bool = False, **config):
+    """A tiny LTX-Video model (comfy.supported_models.LTXV, current ComfyUI only; ``audio``: LTX-2's audio-video
+    LTXAV) and two conditionings (12 text tokens). Latents are [B, 128, (frames - 1) / 8 + 1, H/32, W/32]
+    (EmptyLTXVLatentVideo), patch size 1."""
+    if _need_boot() != "modern":
+        raise RuntimeError("this LTX-Video model class exists only in current ComfyUI")
+    import comfy.supported_models
+    cfg = ltxv_config(**config)
+    kind = comfy.supported_models.LTXV
+    if audio:
+        cfg.update(image_model="ltxav", audio_in_channels=128, audio_cross_attention_dim=cfg["cross_attention_dim"],
+                   audio_attention_head_dim=cfg["attention_head_dim"],
+                   audio_num_attention_heads=cfg["num_attention_heads"])
+        kind = comfy.supported_models.LTXAV
+    model = _build(kind, cfg, seed, device)
+    import torch  # the text encoder's token mask (LTXBaseModel.forward requires one; all 12 tokens are real)
+    return (model, *_cond(cfg["caption_channels"], None, seed + 1, tokens=12,
+                          extra={"attention_mask": torch.ones(1, 12, dtype=torch.long)}))
+
+
 def flux_config(hidden: int = 64, heads: int = 2, double: int = 2, single: int = 2, text_dim: int = 32,
                 pooled_dim: int = 32, guidance: bool = True) -> dict:
     """A Flux.1 config (ComfyUI's own class; the real Flux.1 dev is hidden 3072, 24 heads, 19 double and 38 single

@@ -284,6 +284,23 @@ class HostTestTinyHunyuanModel:
         return _boot().tiny_hunyuan_model(seed=seed, double=double, single=single)
 
 
+class HostTestTinyLTXVModel:
+    """A tiny LTX-Video model (ComfyUI's own LTXVModel) with two conditionings; current ComfyUI only."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1}),
+                             "layers": ("INT", {"default": 2, "min": 1, "max": 48}),
+                             "rope": (["interleaved", "split"],)}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
+    FUNCTION = "build"
+    CATEGORY = "testing/host"
+
+    def build(self, seed, layers, rope):
+        return _boot().tiny_ltxv_model(seed=seed, layers=layers, rope=rope)
+
+
 class HostTestTinyFluxModel:
     """A tiny Flux.1 model (ComfyUI's own class; dev with guidance, or schnell) with two conditionings; current
     ComfyUI only."""
@@ -502,6 +519,7 @@ class HostTestVideoCodec:
 NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec
 NODE_CLASS_MAPPINGS["HostTestTinyWanModel"] = HostTestTinyWanModel
 NODE_CLASS_MAPPINGS["HostTestTinyHunyuanModel"] = HostTestTinyHunyuanModel
+NODE_CLASS_MAPPINGS["HostTestTinyLTXVModel"] = HostTestTinyLTXVModel
 NODE_CLASS_MAPPINGS["HostTestTinyFluxModel"] = HostTestTinyFluxModel
 NODE_CLASS_MAPPINGS["HostTestTinySD3Model"] = HostTestTinySD3Model
 NODE_CLASS_MAPPINGS["HostTestTinyQwenModel"] = HostTestTinyQwenModel

@@ -21,7 +21,8 @@ log = logging.getLogger("comfyui_importance_tome")
 CATEGORY = "model_patches/token_merging"
 
 _MODEL_IN = ("MODEL", {"tooltip": "The diffusion model to speed up: SD1.x, SD2.x, SDXL and other UNet models; on "
-                                  "current ComfyUI also WAN 2.x, HunyuanVideo and LTX-Video (per latent frame), Flux, SD3 / SD3.5, "
+                                  "current ComfyUI also WAN 2.x, HunyuanVideo and LTX-Video (per latent frame), "
+                                  "Flux, SD3 / SD3.5, "
                                   "Qwen-Image, Z-Image / Lumina 2 and PixArt-α / Σ (image tokens only; text and "
                                   "reference tokens never merge). Other "
                                   "models pass through unchanged with a warning."})
@@ -49,7 +50,8 @@ _COMMON = {
         "tooltip": "UNet levels whose self-attention is merged (0 = latent resolution, 1 = half, ...). auto: the "
                    "highest-resolution level that has attention (level 0 on SD1.x/2.x, level 1 on SDXL). "
                    "auto+1 also merges the next level down. Transformer models (WAN, HunyuanVideo, LTX-Video, "
-                   "Flux, SD3, Qwen-Image, Z-Image): not used (every block is merged). PixArt: auto = the paper's blocks "
+                   "Flux, SD3, Qwen-Image, Z-Image): not used (every block is merged). PixArt: auto = the paper's "
+                   "blocks "
                    "(the middle half: 7-20 of 28), auto+1 = every block.",
     }),
     "scope": (list(SCOPES), {
@@ -62,7 +64,8 @@ _COMMON = {
                    "token keeping its own input: faster (SD1.5 768² with SDPA: 1.41x instead of 1.34x at 0.5), but much "
                    "less faithful (on the UNet demo model 7-8.5 dB further from the unmerged image at ratio "
                    "0.3-0.5); other "
-                   "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, LTX-Video, Flux, SD3, "
+                   "patches inside those blocks then see the merged token count. WAN, HunyuanVideo, LTX-Video, "
+                   "Flux, SD3, "
                    "Qwen-Image: attention = the image tokens of each block's self-/joint attention; transformer = "
                    "whole blocks on merged image tokens (Flux 1024²: about 1.9x instead of 1.1-1.15x with SDPA; far "
                    "less faithful on the video demo model, less on the image DiT demo model). Z-Image / Lumina 2 "
@@ -216,14 +219,16 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",
-                "tooltip": "Video transformers (WAN, HunyuanVideo, LTX-Video): per_frame = tokens merge only with tokens of the "
+                "tooltip": "Video transformers (WAN, HunyuanVideo, LTX-Video): per_frame = tokens merge only with "
+                           "tokens of the "
                            "same latent frame and every frame keeps the same share; across_frames = spatio-temporal "
                            "merging, a token may merge into the most alike destination of any frame (static regions "
                            "merge over time; frames keep different shares). Ignored on UNet models.",
             }),
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
-                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video), scope = "
+                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video), "
+                           "scope = "
                            "attention: each merged image token counts as many times as the tokens it stands for (log "
                            "of the count added to its attention logits, as in ToMe), so merged regions keep their "
                            "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "

@@ -5,7 +5,9 @@
         [--ratios 0.3,0.5,0.7] [--reps 2] [--cfg 5] [--attention default|sdpa] [--out output/bench]
 
 Blocks at their real width, random initialised weights, built by ComfyUI's own classes (current ComfyUI only):
-WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the real model has 30 blocks) and
+WAN 2.1 1.3B (dim 1536, 12 heads, FFN 8960, 512 text tokens of width 4096; the real model has 30 blocks), LTX-Video
+2B (``ltxv@WxHxF``: 32 heads of 64, 128 text tokens of width 4096; 28 blocks in the real model; latents compressed
+8x in time and 32x in space, patch 1) and
 HunyuanVideo (hidden 3072, 24 heads, MLP ×4, 256 text tokens of width 4096, pooled 768; the real model has 20
 double-stream and 40 single-stream blocks: ``--layers`` n gives n of each) and Flux.1 dev (hidden 3072, 24 heads,
 MLP ×4, 512 T5 tokens of width 4096, pooled 768; 19 double and 38 single blocks in the real model; ``flux@WxH``
@@ -143,12 +145,28 @@ def build_pixart(layers: int, seed: int = 0):
     return model, conds[0], conds[1]
 
 
-BUILDERS = {"wan": build_wan, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3, "qwen": build_qwen,
+LTXV_2B = dict(heads=32, head_dim=64, text_dim=4096)
+
+
+def build_ltxv(layers: int, seed: int = 0):
+    import torch
+    import comfy.supported_models
+
+    config = H.ltxv_config(layers=layers, **LTXV_2B)
+    model = H._build(comfy.supported_models.LTXV, config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    conds = [[[torch.randn(1, 128, LTXV_2B["text_dim"], generator=g),
+               {"attention_mask": torch.ones(1, 128, dtype=torch.long)}]] for _ in range(2)]
+    return model, conds[0], conds[1]
+
+
+BUILDERS = {"wan": build_wan, "ltxv": build_ltxv, "hunyuan": build_hunyuan, "flux": build_flux, "sd3": build_sd3,
+            "qwen": build_qwen,
             "zimage": build_zimage, "pixart": build_pixart}
 # latents [1, C, H/8, W/8]: model specs are arch@WxH
 IMAGE_MODELS = {"flux": 16, "sd3": 16, "qwen": 16, "zimage": 16, "pixart": 4}
 # text tokens in the self-attention (never merged; PixArt's text enters by cross-attention)
-TEXT_TOKENS = {"wan": 0, "hunyuan": 256, "flux": 512, "sd3": 154, "qwen": 256, "zimage": 128, "pixart": 0}
+TEXT_TOKENS = {"wan": 0, "ltxv": 0, "hunyuan": 256, "flux": 512, "sd3": 154, "qwen": 256, "zimage": 128, "pixart": 0}
 
 
 def pixart_kernel_share(model, positive, negative, latent, cfg=5.0):
@@ -177,8 +195,9 @@ def pixart_kernel_share(model, positive, negative, latent, cfg=5.0):
 
 
 def kernel_share(model, positive, negative, latent, cfg=5.0):
-    """Seconds in the self-attention kernel (the first attention call of each block) and in total, over two
-    unmerged evaluations."""
+    """Seconds in the self-attention kernel (the first attention call of each block; in models that do not say
+    which block a call belongs to, SD3 and LTX-Video, every call whose queries and keys have the same length) and in
+    total, over two unmerged evaluations."""
     spent = {"kernel": 0.0}
     seen = {"key": None}
 
@@ -186,6 +205,9 @@ def kernel_share(model, positive, negative, latent, cfg=5.0):
         extra = kwargs.get("transformer_options") or {}
         key = (id(extra), extra.get("block_type"), extra.get("block_index"))
         first, seen["key"] = key != seen["key"], key
+        if extra.get("block_index") is None:
+            axis = 2 if kwargs.get("skip_reshape") else 1
+            first = args[0].shape[axis] == args[1].shape[axis]
         start = time.perf_counter()
         out = func(*args, **kwargs)
         if first:
@@ -265,10 +287,13 @@ def main(argv=None) -> int:
             latent = torch.zeros(1, IMAGE_MODELS[arch], height // 8, width // 8)
             if arch == "qwen":  # Qwen-Image's latent has a frame axis
                 latent = latent[:, :, None]
+        elif arch == "ltxv":  # 128 channels, 8x time and 32x space compression, patch 1
+            width, height, length = (int(v) for v in size.split("x"))
+            latent = torch.zeros(1, 128, (length - 1) // 8 + 1, height // 32, width // 32)
         else:
             width, height, length = (int(v) for v in size.split("x"))
             latent = torch.zeros(1, 16, (length - 1) // 4 + 1, height // 8, width // 8)
-        tokens = latent[0, 0].numel() // 4  # 2x2 patches (per frame)
+        tokens = latent[0, 0].numel() // (1 if arch == "ltxv" else 4)  # 2x2 patches (per frame); LTX-Video: 1
         model, positive, negative = BUILDERS[arch](args.layers)
         methods = [("none", 0.0, model)]
         levels = {}  # (method, ratio) -> its levels setting (PixArt: which blocks merge)

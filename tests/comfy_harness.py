@@ -512,7 +512,8 @@ def tiny_hunyuan_model(seed: int = 0, device=None, **config):
     return (model, *_cond(cfg["context_in_dim"], cfg["vec_in_dim"], seed + 1, tokens=12))
 
 
-def ltxv_config(heads: int = 2, head_dim: int = 32, layers: int = 2, text_dim: int = 32, rope: str = "interleaved") -> dict:
+def ltxv_config(heads: int = 2, head_dim: int = 32, layers: int = 2, text_dim: int = 32,
+                rope: str = "interleaved") -> dict:
     """An LTX-Video config (ComfyUI's own LTXVModel; the real LTX-Video 2B is 32 heads of 64, 28 layers, text 4096,
     interleaved RoPE; LTX-Video 13B 32 heads of 128, 48 layers). ``rope = "split"``: the other RoPE layout."""
     return {"image_model": "ltxv", "in_channels": 128, "num_attention_heads": heads, "attention_head_dim": head_dim,

@@ -182,3 +182,23 @@ def test_ltx2_audio_video_model_passes_through_with_one_warning(comfy, caplog):
     assert out is model
     warnings = [r for r in caplog.records if "not supported yet" in r.getMessage()]
     assert len(warnings) == 1 and "passing the model through unchanged" in warnings[0].getMessage()
+
+
+def test_preview_node_draws_every_decoded_frame(comfy):
+    """The Token Merging Preview on an LTX-Video run: 17 decoded frames (LTX-Video's VAE: the first frame alone, then
+    8 per latent frame) each get their latent frame's pictures; half of each frame's tokens merged (blue)."""
+    g = ltxv_graph(steps=4)
+    codec = g.add("HostTestVideoCodec", time=8, space=32, channels=128)[0]
+    frames = g.add("VAEDecode", "decode", samples=["sampler", 0], vae=codec)[0]
+    out = g.add("ITM_MergePreview", "preview", model=["merge", 0], images=frames, step=-1, level="first", opacity=1.0)
+    g.add("HostTestImageStats", "importance", images=out[0])
+    g.add("HostTestImageStats", "merge_map", images=out[1])
+    H.run_prompt(g.prompt)
+    merge, importance = (node_classes()["HostTestImageStats"].LAST[k] for k in ("merge_map", "importance"))
+    assert merge.shape == importance.shape == (17, 96, 128, 3)
+    blue = (merge - torch.tensor((0.20, 0.30, 0.85))).abs().amax(-1) < 1e-4
+    for index in range(17):
+        assert float(blue[index].float().mean()) == pytest.approx(0.5)
+    # frame 0 is latent frame 0; frames 1-8 latent frame 1; frames 9-16 latent frame 2
+    assert torch.equal(importance[1], importance[8]) and torch.equal(importance[9], importance[16])
+    assert not torch.equal(importance[0], importance[1]) and not torch.equal(importance[8], importance[9])

@@ -18,7 +18,7 @@ THIRD_PARTY = {"ADE_": "ComfyUI-AnimateDiff-Evolved"}
 # workflows of model families that only current ComfyUI has (WAN): skipped with the reason on the 2024 host
 CURRENT_ONLY = {"demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
                 "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json", "zimage_turbo_t2i.json",
-                "pixart_sigma_t2i.json"}
+                "pixart_sigma_t2i.json", "ltxv_t2v.json"}
 
 
 def _class(name):

@@ -33,7 +33,7 @@ WAN_MERGE = dict(MERGE)  # attention site: whole blocks are faster but far less 
 # skipped with a reason by tests/test_workflows.py on the 2024 host
 CURRENT_ONLY = ("demo_video.json", "wan21_t2v.json", "wan22_i2v.json", "hunyuan_t2v.json", "flux_dev_t2i.json",
                 "demo_dit.json", "sd35_t2i.json", "qwen_image_t2i.json", "zimage_turbo_t2i.json",
-                "pixart_sigma_t2i.json")
+                "pixart_sigma_t2i.json", "ltxv_t2v.json")
 FLUX_MERGE = dict(MERGE, scope="transformer")  # README "Image DiTs": attention is a small share of a Flux block
 WAN_NEGATIVE = "static, blurry, low quality, distorted, still picture, worst quality, jpeg artifacts"
 
@@ -300,8 +300,8 @@ def wan21_t2v(schema):
         b.link(source, 0, sampler, name)
     decode_video(b, sampler, vae, 1180, "importance_tome_wan21")
     return b.workflow("WAN 2.1 text to video (1.3B, 832x480, 33 frames = 9 latent frames of 52x30 tokens): each "
-                      "latent frame's tokens are merged within the frame, whole blocks at a time, with the importance "
-                      "map of the previous step. Models: the Comfy-Org WAN 2.1 repackaged files.")
+                      "latent frame's tokens are merged within the frame, in the self-attention of every block, with "
+                      "the importance map of the previous step. Models: the Comfy-Org WAN 2.1 repackaged files.")
 
 
 def wan22_i2v(schema):
@@ -334,6 +334,45 @@ def wan22_i2v(schema):
                       "the low-noise model 10-20; each has its own merging node (the low-noise pass starts with one "
                       "warm-up step, then uses its own importance maps). Put your image in ComfyUI's input folder "
                       "as example.png.")
+
+
+def ltxv_t2v(schema):
+    """LTX-Video text to video (2B v0.9.5, 768x512, 97 frames) with ComfyUI's custom sampler and LTXV scheduler."""
+    b = WorkflowBuilder(schema)
+    loader = b.add("CheckpointLoaderSimple", (40, 40), ckpt_name="ltx-video-2b-v0.9.5.safetensors")
+    merge = b.add("ITM_ImportanceTokenMerging", (420, 40), **WAN_MERGE)
+    b.link(loader, 0, merge, "model")
+    clip = b.add("CLIPLoader", (40, 300), clip_name="t5xxl_fp16.safetensors", type="ltxv", device="default")
+    pos = b.add("CLIPTextEncode", (420, 300), title="Positive",
+                text="a red fox trotting through fresh snow in a pine forest, morning light, slow tracking shot")
+    neg = b.add("CLIPTextEncode", (420, 520), title="Negative",
+                text="low quality, worst quality, deformed, distorted, disfigured, motion smear, motion artifacts, "
+                     "fused fingers, bad anatomy, weird hand, ugly")
+    for text in (pos, neg):
+        b.link(clip, 0, text, "clip")
+    conditioning = b.add("LTXVConditioning", (800, 300), frame_rate=24.0)
+    b.link(pos, 0, conditioning, "positive")
+    b.link(neg, 0, conditioning, "negative")
+    latent = b.add("EmptyLTXVLatentVideo", (800, 520), width=768, height=512, length=97, batch_size=1)
+    schedule = b.add("LTXVScheduler", (800, 40), steps=30, max_shift=2.05, base_shift=0.95, stretch=True,
+                     terminal=0.1)
+    b.link(latent, 0, schedule, "latent")
+    sampler = b.add("KSamplerSelect", (800, 760), sampler_name="euler")
+    run = b.add("SamplerCustom", (1180, 40), add_noise=True, noise_seed=0, cfg=3.0)
+    for source, slot, name in ((merge, 0, "model"), (conditioning, 0, "positive"), (conditioning, 1, "negative"),
+                               (sampler, 0, "sampler"), (schedule, 0, "sigmas"), (latent, 0, "latent_image")):
+        b.link(source, slot, run, name)
+    decode = b.add("VAEDecode", (1180, 500))
+    b.link(run, 0, decode, "samples")
+    b.link(loader, 2, decode, "vae")
+    video = b.add("CreateVideo", (1440, 500), fps=24.0)
+    b.link(decode, 0, video, "images")
+    save = b.add("SaveVideo", (1700, 500), filename_prefix="importance_tome_ltxv", format="auto", codec="auto")
+    b.link(video, 0, save, "video")
+    return b.workflow("LTX-Video text to video (2B v0.9.5, 768x512, 97 frames = 13 latent frames of 24x16 tokens) at "
+                      "cfg 3: the self-attention of every block runs on merged tokens, per latent frame, with the "
+                      "importance map of the previous step; text tokens never merge. Models: Lightricks' "
+                      "ltx-video-2b-v0.9.5 checkpoint and the T5-XXL text encoder.")
 
 
 def hunyuan_t2v(schema):
@@ -545,6 +584,7 @@ def examples(schema, animatediff_nodes=False, current=True):
     if current:
         extra.update({"demo_video.json": demo_video(schema), "wan21_t2v.json": wan21_t2v(schema),
                       "wan22_i2v.json": wan22_i2v(schema), "hunyuan_t2v.json": hunyuan_t2v(schema),
+                      "ltxv_t2v.json": ltxv_t2v(schema),
                       "flux_dev_t2i.json": flux_dev_t2i(schema), "demo_dit.json": demo_dit(schema),
                       "sd35_t2i.json": sd35_t2i(schema), "qwen_image_t2i.json": qwen_image_t2i(schema),
                       "zimage_turbo_t2i.json": zimage_turbo_t2i(schema),

@@ -472,35 +472,42 @@ class HostTestRuntimeProbe(_ModelProbe):
 
 
 class HostTestVideoCodec:
-    """A video VAE stand-in for VAEDecode: [B, C, T, H, W] latents -> [B, 4 (T - 1) + 1, 8 H, 8 W, 3] grey frames
-    (WAN's causal time compression: the first frame alone, then 4 frames per latent frame)."""
+    """A video VAE stand-in for VAEDecode: [B, C, T, H, W] latents -> [B, time (T - 1) + 1, space H, space W, 3] grey
+    frames (causal time compression: the first frame alone, then ``time`` frames per latent frame; WAN: 4 and 8 with
+    16 channels, the default; LTX-Video: 8 and 32 with 128 channels)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {}}
+        return {"optional": {"time": ("INT", {"default": 4, "min": 1, "max": 16}),
+                             "space": ("INT", {"default": 8, "min": 1, "max": 64}),
+                             "channels": ("INT", {"default": 16, "min": 1, "max": 256})}}
 
     RETURN_TYPES = ("VAE",)
     FUNCTION = "build"
     CATEGORY = "testing/host"
 
     class Codec:
-        latent_channels = 16
-        downscale_ratio = 8
-        upscale_ratio = 8
         output_channels = 3
 
+        def __init__(self, time: int = 4, space: int = 8, channels: int = 16):
+            self.time, self.space = time, space
+            self.latent_channels = channels
+            self.downscale_ratio = self.upscale_ratio = space
+
         def spacial_compression_decode(self):
-            return 8
+            return self.space
 
         def temporal_compression_decode(self):
-            return 4
+            return self.time
 
         def encode(self, pixels):
-            """[F, H, W, 3] frames -> [1, 16, 1 + (F - 1) // 4, H / 8, W / 8] (frames 0, 4, 8, ... pooled)."""
+            """[F, H, W, 3] frames -> [1, C, 1 + (F - 1) // time, H / space, W / space] (frames 0, time, 2 time, ...
+            pooled)."""
             import torch.nn.functional as F
 
-            grey = pixels[0::4, ..., :3].float().mean(dim=-1)[None]
-            return (F.avg_pool2d(grey, 8) * 2 - 1)[:, None].expand(-1, 16, -1, -1, -1).contiguous()
+            grey = pixels[0::self.time, ..., :3].float().mean(dim=-1)[None]
+            pooled = F.avg_pool2d(grey, self.space) * 2 - 1
+            return pooled[:, None].expand(-1, self.latent_channels, -1, -1, -1).contiguous()
 
         def decode(self, samples):
             import torch
@@ -508,12 +515,12 @@ class HostTestVideoCodec:
 
             b, _, t, h, w = samples.shape
             grey = ((samples.float().mean(dim=1) + 1) / 2).clamp(0, 1)  # [B, T, H, W]
-            index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(4 * (t - 1)) // 4 + 1])
-            frames = F.interpolate(grey[:, index], scale_factor=8, mode="nearest")
+            index = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(self.time * (t - 1)) // self.time + 1])
+            frames = F.interpolate(grey[:, index], scale_factor=self.space, mode="nearest")
             return frames[..., None].expand(-1, -1, -1, -1, 3).contiguous()
 
-    def build(self):
-        return (HostTestVideoCodec.Codec(),)
+    def build(self, time=4, space=8, channels=16):
+        return (HostTestVideoCodec.Codec(time, space, channels),)
 
 
 NODE_CLASS_MAPPINGS["HostTestVideoCodec"] = HostTestVideoCodec

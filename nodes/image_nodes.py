@@ -227,14 +227,14 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
-                "tooltip": "Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video), "
-                           "scope = "
-                           "attention: each merged image token counts as many times as the tokens it stands for (log "
-                           "of the count added to its attention logits, as in ToMe), so merged regions keep their "
-                           "share of attention (next to the text tokens, in joint attention). About 1-2 dB closer to "
-                           "the unmerged image on the DiT demo models. Ignored on UNet models and with scope = "
-                           "transformer, where it measured worse (Z-Image / Lumina 2 always merge at the attention "
-                           "site, so it applies there), and on PixArt, whose attention kernel the node cannot reach.",
+                "tooltip": "scope = attention: each merged token counts as many times as the tokens it stands for "
+                           "(log of the count added to its attention logits, as in ToMe), so merged regions keep "
+                           "their share of attention (next to the text tokens, in joint attention). UNets: 2-9 dB "
+                           "closer to the unmerged image on the UNet demo model at ratios 0.3-0.7 (needs ComfyUI "
+                           "0.3.60 or newer; older ComfyUI merges without it, logged); transformers (Flux, SD3 / "
+                           "SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video): about 1-2 dB on the DiT demo "
+                           "models. Ignored with scope = queries (keys are not merged) and scope = transformer, where "
+                           "it measured worse on DiTs, and on PixArt, whose attention kernel the node cannot reach.",
             }),
         }, "hidden": _HIDDEN}
 

@@ -50,8 +50,9 @@ class MergeSettings:
     affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2
     # (0 on video DiTs)
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
-    # DiTs, attention site: merged image keys count as many times as the tokens they stand for (ToMe's proportional
-    # attention; about +1 to +2 dB on the image and video DiT demo models); UNets ignore it (measured worse there)
+    # attention site: merged keys count as many times as the tokens they stand for (ToMe's proportional attention;
+    # about +1 to +2 dB on the image and video DiT demo models, +2 to +9 dB on the UNet demo model, where it needs
+    # ComfyUI's attention override)
     proportional_attention: bool = True
 
     def __post_init__(self) -> None:

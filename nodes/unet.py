@@ -33,11 +33,13 @@ import torch
 from ..merging import (
     TokenGrid,
     find_unet_level,
+    log_slot_sizes,
     pair_groups,
     pool_to_grid,
     temporal_share,
     tiled_partition,
 )
+from .dit import OVERRIDE, ChainedOverride
 from .runtime import (  # noqa: F401 (KEY: re-exported, the transformer_options key of the runtime)
     KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_frames, chunk_ids, detach, runtime_of,
 )
@@ -178,7 +180,10 @@ class SelfAttnMerge:
                 return plan.partition.merge(t, plan.mode)
             return t
 
-        return queries, like_n(context), like_n(value)
+        keys, values = like_n(context), like_n(value)
+        if keys is not context:  # the next attention call is this self-attention, on merged keys
+            run.site_marker = plan  # (proportional attention: :class:`SelfAttentionBias`)
+        return queries, keys, values
 
 
 class SelfAttnUnmerge:
@@ -191,11 +196,35 @@ class SelfAttnUnmerge:
         plan = runtime.run.block if runtime is not None else None
         if plan is None:
             return n
+        runtime.run.site_marker = None
         if self.fill_shared and plan.share is not None and n.shape[1] == plan.share.num_computed:
             n = plan.share.fill(n)
         if n.shape[1] != plan.partition.sizes.num_kept:
             return n
         return plan.partition.unmerge(n)
+
+
+class SelfAttentionBias(ChainedOverride):
+    """``optimized_attention_override`` (current ComfyUI): proportional attention at the attention site. The
+    self-attention call that :class:`SelfAttnMerge` shortened (its keys are the merged slots) gets the log of each
+    slot's token count added to its logits, as ToMe does, so a merged region keeps its share of attention; every other
+    attention call (cross-attention, unmerged levels, other models) runs as it is. An override set before this node is
+    kept and called."""
+
+    def __call__(self, func, *args, **kwargs):
+        extra = kwargs.get("transformer_options")
+        runtime = runtime_of(extra) if isinstance(extra, dict) else None
+        run = runtime.run if isinstance(runtime, UNetRuntime) else None
+        plan = run.block if run is not None else None
+        if plan is None or run.site_marker is not plan or len(args) < 4:
+            return self._call(func, args, kwargs)
+        run.site_marker = None  # only the first attention call after the merge: the block's self-attention
+        q, k, v = args[:3]
+        if kwargs.get("skip_reshape") or k.ndim != 3 or k.shape[1] != plan.partition.sizes.num_kept:
+            return self._call(func, args, kwargs)
+        part = plan.partition
+        return self._call_merged(func, (q, k, v), tuple(args[3:]), kwargs, runtime, plan,
+                                 lambda: log_slot_sizes(part.slot_counts))
 
 
 class CrossAttnMerge:
@@ -308,11 +337,24 @@ def is_unet(model) -> bool:
     return isinstance(diffusion_model, UNetModel)  # subclasses too (not an exact-type check on a live module)
 
 
+def has_attention_override() -> bool:
+    """The host's attention calls take an ``optimized_attention_override`` (ComfyUI 0.3.60 or newer)."""
+    from comfy.ldm.modules import attention  # noqa: PLC0415 (host module)
+
+    return hasattr(attention, "wrap_attn")
+
+
 def _remove_ours(patcher) -> None:
     """Drop patches of an earlier Importance Token Merging node so chaining two nodes does not merge twice."""
     model_options = patcher.model_options
-    patcher.object_patches = {k: v for k, v in patcher.object_patches.items() if not getattr(v, "itm_stack", False)}
     options = model_options.setdefault("transformer_options", {})
+    override = options.get(OVERRIDE)
+    if isinstance(override, SelfAttentionBias):  # restore the override it chained
+        if override.previous is None:
+            options.pop(OVERRIDE)
+        else:
+            options[OVERRIDE] = override.previous
+    patcher.object_patches = {k: v for k, v in patcher.object_patches.items() if not getattr(v, "itm_stack", False)}
     patches = options.get("patches")
     if patches:
         options["patches"] = {name: [p for p in plist if not isinstance(p, PATCH_TYPES)] for name, plist in patches.items()}
@@ -349,6 +391,13 @@ def apply(model, settings: MergeSettings, live=None):
     if settings.scope != "transformer" or video_stacks:
         patched.set_model_attn1_patch(SelfAttnMerge())
         patched.set_model_attn1_output_patch(SelfAttnUnmerge())
+        if settings.scope == "attention" and settings.proportional_attention:
+            if has_attention_override():
+                options = patched.model_options["transformer_options"]
+                options[OVERRIDE] = SelfAttentionBias(options.get(OVERRIDE))
+            else:
+                log.info("Importance Token Merging: proportional_attention needs ComfyUI's attention override "
+                         "(ComfyUI 0.3.60 or newer); this ComfyUI merges self-attention without it")
         if settings.merge_cross_attn:
             patched.set_model_attn2_patch(CrossAttnMerge())
             patched.set_model_attn2_output_patch(CrossAttnUnmerge())

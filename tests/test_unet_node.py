@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import comfy_harness as H
-from graph import Graph
+from graph import Graph, node_classes
 
 KSAMPLER = dict(seed=42, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
 SIMPLE = dict(ratio=0.5, importance="cfg", start_percent=0.0, end_percent=1.0, levels="auto", scope="attention")
@@ -54,15 +54,52 @@ def token_counts(node_id="probe"):
     return {(r["tokens"], r["kv_tokens"]) for r in records(node_id)}
 
 
-def test_proportional_attention_is_ignored_on_unets(comfy):
-    """proportional_attention is for joint text-image attention (DiTs); on a UNet it measured worse, so the UNet
-    adapter leaves self-attention plain: the same image with it on or off, and the same merged lengths."""
+def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monkeypatch, caplog):
+    """proportional_attention (the default) at the attention site: the self-attention call that merging shortened gets
+    log(slot size) added to the logits of each merged key (on the CPU as one more channel per head: the queries' is 1,
+    the keys' log of their slot's token count, which adds up to the 1024 tokens of the merged level); cross-attention
+    and the unmerged levels run as before. It needs ComfyUI's attention override: on the 2024 host it is off, with a
+    logged note, and the image is the plain one."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
+    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
+    modern = H.host_kind() == "modern"
     images = {}
-    for proportional in (True, False):
-        H.run_prompt(sample_graph(merge=dict(ADVANCED, proportional_attention=proportional), advanced=True).prompt)
+    settings = dict(ADVANCED, dst_mode="grid", warmup_mode="merge")  # mean merging from the first step
+    for proportional in (False, True):
+        g = Graph()
+        tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
+        model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0] if modern else tiny[0]
+        model = g.add("ITM_ImportanceTokenMergingAdvanced", "merge", model=model,
+                      **dict(settings, proportional_attention=proportional))[0]
+        probe = g.add("HostTestAttnProbe", "probe", model=model)
+        empty = g.add("EmptyLatentImage", width=128, height=128, batch_size=1)
+        sampled = g.add("KSampler", "sampler", model=probe[0], positive=tiny[1], negative=tiny[2],
+                        latent_image=empty[0], steps=4, **KSAMPLER)
+        g.add("HostTestLatentStats", "out", samples=sampled[0])
+        H.run_prompt(g.prompt)
         images[proportional] = latent("out").clone()
-        assert (128, 128) in token_counts()
-    assert torch.equal(images[True], images[False])
+        assert (128, 128) in token_counts()  # the merged level: 1024 tokens -> 512 queries / keys / values
+        if not modern:
+            continue
+        calls = node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]
+        merged = [c for c in calls if c["q"] == c["k"] == 128 and c["head"] in (8, 9)]
+        assert merged and {c["head"] for c in merged} == {9 if proportional else 8}
+        others = [(c["q"], c["k"], c["head"]) for c in calls if not any(c is m for m in merged)]
+        if proportional:  # cross-attention and the other levels: untouched
+            assert others == plain_others and len(others) > 0
+        plain_others = others
+    if not modern:
+        assert torch.equal(images[True], images[False])
+        assert any("needs ComfyUI's attention override" in r.getMessage() for r in caplog.records)
+        return
+    for c in merged:  # the proportional run
+        assert torch.equal(c["q_last"], torch.ones_like(c["q_last"]))
+        sizes = (c["k_last"] / 3.0).exp()  # the channel holds log(size) * sqrt(9)
+        assert sizes.min() > 0.999
+        torch.testing.assert_close(sizes.sum(1), torch.full((c["rows"],), 256.0))
+    assert float((images[True] - images[False]).abs().max()) > 1e-5
 
 
 @pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])
@@ -150,6 +187,22 @@ def test_chaining_the_node_twice_replaces_the_first(comfy):
     assert len(patches["attn1_patch"]) == 1 and len(patches["attn1_output_patch"]) == 1
     assert len(twice.model_options["sampler_post_cfg_function"]) == 1
     assert twice.model_options["transformer_options"]["importance_tome"].settings.ratio == 0.3
+    if H.host_kind() == "modern":  # one proportional-attention override, chaining the one set before the first node
+        unet = H.pack_module("nodes.unet")
+
+        def earlier(func, *args, **kwargs):
+            return func(*args, **kwargs)
+
+        kernel = model.clone()
+        kernel.model_options["transformer_options"] = dict(kernel.model_options.get("transformer_options", {}),
+                                                           optimized_attention_override=earlier)
+        (once,) = node.patch(kernel, **SIMPLE)
+        (twice,) = node.patch(once, **dict(SIMPLE, ratio=0.3))
+        override = twice.model_options["transformer_options"]["optimized_attention_override"]
+        assert isinstance(override, unet.SelfAttentionBias) and override.previous is earlier
+        (plain,) = _nodes()["ITM_ImportanceTokenMergingAdvanced"]().patch(
+            once, **dict(ADVANCED, proportional_attention=False))
+        assert plain.model_options["transformer_options"]["optimized_attention_override"] is earlier
 
 
 def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):

@@ -57,7 +57,7 @@ def token_counts(node_id="probe"):
 def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monkeypatch, caplog):
     """proportional_attention (the default) at the attention site: the self-attention call that merging shortened gets
     log(slot size) added to the logits of each merged key (on the CPU as one more channel per head: the queries' is 1,
-    the keys' log of their slot's token count, which adds up to the 1024 tokens of the merged level); cross-attention
+    the keys' log of their slot's token count, which adds up to the 256 tokens of the merged level); cross-attention
     and the unmerged levels run as before. It needs ComfyUI's attention override: on the 2024 host it is off, with a
     logged note, and the image is the plain one."""
     import logging
@@ -80,7 +80,7 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
         g.add("HostTestLatentStats", "out", samples=sampled[0])
         H.run_prompt(g.prompt)
         images[proportional] = latent("out").clone()
-        assert (128, 128) in token_counts()  # the merged level: 1024 tokens -> 512 queries / keys / values
+        assert (128, 128) in token_counts()  # the merged level: 256 tokens -> 128 queries / keys / values
         if not modern:
             continue
         calls = node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]

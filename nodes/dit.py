@@ -87,13 +87,26 @@ def remove_patches(patcher, block_type: type, override_type: type) -> None:
         options["patches_replace"]["dit"] = {key: (p.previous if isinstance(p, block_type) else p)
                                              for key, p in blocks.items()
                                              if not (isinstance(p, block_type) and p.previous is None)}
+    unchain_override(options, override_type)
+    detach(patcher)
+
+
+def unchain_override(options: dict, override_type: type) -> None:
+    """Take an ``override_type`` attention override (a :class:`ChainedOverride`) out of ``transformer_options``,
+    restoring the override it chained."""
     override = options.get(OVERRIDE)
     if isinstance(override, override_type):
         if override.previous is None:
             options.pop(OVERRIDE)
         else:
             options[OVERRIDE] = override.previous
-    detach(patcher)
+
+
+def has_attention_override() -> bool:
+    """The host's attention calls take an ``optimized_attention_override`` (ComfyUI 0.3.60 or newer)."""
+    from comfy.ldm.modules import attention  # noqa: PLC0415 (host module)
+
+    return hasattr(attention, "wrap_attn")
 
 
 class VideoDiTRuntime(MergeRuntime):

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..merging import TokenGrid, log_slot_sizes
-from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
+from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
 from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
@@ -396,9 +396,8 @@ def supports_class(model, module: str, name: str) -> bool:
 
 def has_joint_hooks() -> bool:
     """The host has the attention override (ComfyUI >= 0.3.60) and DIFFUSION_MODEL wrappers."""
-    try:
-        import comfy.patcher_extension  # noqa: PLC0415 (host modules)
-        from comfy.ldm.modules import attention  # noqa: PLC0415
-    except ImportError:
+    if not has_attention_override():  # the 2024 host: no override, no comfy.patcher_extension either
         return False
-    return hasattr(attention, "wrap_attn") and hasattr(comfy.patcher_extension.WrappersMP, "DIFFUSION_MODEL")
+    import comfy.patcher_extension  # noqa: PLC0415 (host module)
+
+    return hasattr(comfy.patcher_extension.WrappersMP, "DIFFUSION_MODEL")

@@ -39,7 +39,7 @@ from ..merging import (
     temporal_share,
     tiled_partition,
 )
-from .dit import OVERRIDE, ChainedOverride
+from .dit import OVERRIDE, ChainedOverride, has_attention_override, unchain_override
 from .runtime import (  # noqa: F401 (KEY: re-exported, the transformer_options key of the runtime)
     KEY, ImportanceCapture, LevelMerge, MergeRuntime, attach, chunk_frames, chunk_ids, detach, runtime_of,
 )
@@ -337,23 +337,11 @@ def is_unet(model) -> bool:
     return isinstance(diffusion_model, UNetModel)  # subclasses too (not an exact-type check on a live module)
 
 
-def has_attention_override() -> bool:
-    """The host's attention calls take an ``optimized_attention_override`` (ComfyUI 0.3.60 or newer)."""
-    from comfy.ldm.modules import attention  # noqa: PLC0415 (host module)
-
-    return hasattr(attention, "wrap_attn")
-
-
 def _remove_ours(patcher) -> None:
     """Drop patches of an earlier Importance Token Merging node so chaining two nodes does not merge twice."""
     model_options = patcher.model_options
     options = model_options.setdefault("transformer_options", {})
-    override = options.get(OVERRIDE)
-    if isinstance(override, SelfAttentionBias):  # restore the override it chained
-        if override.previous is None:
-            options.pop(OVERRIDE)
-        else:
-            options[OVERRIDE] = override.previous
+    unchain_override(options, SelfAttentionBias)
     patcher.object_patches = {k: v for k, v in patcher.object_patches.items() if not getattr(v, "itm_stack", False)}
     patches = options.get("patches")
     if patches:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..merging import TokenGrid, log_slot_sizes
-from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, remove_patches
+from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
 from .runtime import LevelMerge, attach, runtime_of
 from .settings import VIDEO_WEIGHTING, MergeSettings
 
@@ -32,11 +32,10 @@ from .settings import VIDEO_WEIGHTING, MergeSettings
 def supports(model) -> bool:
     """True for ComfyUI's WanModel itself (subclasses such as VACE or S2V run other blocks: not yet)."""
     try:
-        from comfy.ldm.modules import attention  # noqa: PLC0415 (host modules)
         from comfy.ldm.wan.model import WanModel  # noqa: PLC0415 (absent on the 2024 ComfyUI)
     except ImportError:
         return False
-    if not hasattr(attention, "wrap_attn"):  # the attention override (and grid_sizes) came with ComfyUI 0.3.60
+    if not has_attention_override():  # the attention override (and grid_sizes) came with ComfyUI 0.3.60
         return False
     return type(getattr(getattr(model, "model", None), "diffusion_model", None)) is WanModel
 

@@ -44,3 +44,11 @@ def last_run(node_id="probe", probe="HostTestAttnProbe"):
     runtime = node_classes()[probe].RUNTIMES[node_id]
     assert runtime is not None, "the probe found no importance-merging runtime on the model"
     return runtime.summaries()[-1]
+
+
+def force_split_calls(monkeypatch) -> None:
+    """Make ComfyUI believe memory is short, so it evaluates cond and uncond of a step in separate model calls (its
+    low-memory layout) for the rest of the test."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)

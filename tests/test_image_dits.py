@@ -112,9 +112,7 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge, fa
     call: one partition per step and sample."""
     H.run_prompt(dit_graph(merge=merge, batch=2, family=family)[0].prompt)
     joint = latent("out").clone()
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    graph.force_split_calls(monkeypatch)  # cond and uncond in separate model calls from here on
     H.run_prompt(dit_graph(merge=merge, batch=2, family=family)[0].prompt)
     split = latent("out").clone()
     assert {c["rows"] for c in calls()} == {2}  # two samples, cond and uncond now in separate calls
@@ -468,9 +466,7 @@ def test_nextdit_joint_and_split_calls_and_proportional_bias(comfy, monkeypatch,
         assert torch.equal(c["k_last"][:, :text], torch.zeros(c["rows"], text))
         assert torch.equal(c["k_last"][:, text + IMAGE // 2:], torch.zeros(c["rows"], pad))
         torch.testing.assert_close(sizes[:, text:text + IMAGE // 2].sum(1), torch.full((c["rows"],), float(IMAGE)))
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    graph.force_split_calls(monkeypatch)  # cond and uncond in separate model calls from here on
     H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
     assert {c["rows"] for c in main_layer_calls()} == {2}
     torch.testing.assert_close(latent("out"), joint, atol=1e-4, rtol=1e-4)

@@ -127,9 +127,7 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, scope):
     H.run_prompt(pixart_graph(merge=merge, batch=2).prompt)
     joint = latent("out").clone()
     assert last_run().merged_calls == 3 * 2
-    import comfy.model_management as mm
-
-    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    graph.force_split_calls(monkeypatch)  # cond and uncond in separate model calls from here on
     H.run_prompt(pixart_graph(merge=merge, batch=2).prompt)
     assert {r["rows"] for r in records()} == {2}  # two samples; cond and uncond now in separate calls
     assert last_run().merged_calls == 3 * 2 * 2  # each block twice per step now: the cond call and the uncond call

@@ -267,11 +267,12 @@ def wan_text(b, y):
     return vae, pos, neg
 
 
-def decode_video(b, latent_source, vae, x, prefix):
+def decode_video(b, latent_source, vae, x, prefix, fps=16.0, vae_slot=0):
+    """VAEDecode → CreateVideo → SaveVideo (``vae_slot``: the VAE output of ``vae``, 2 for a checkpoint loader)."""
     decode = b.add("VAEDecode", (x, 300))
     b.link(latent_source, 0, decode, "samples")
-    b.link(vae, 0, decode, "vae")
-    video = b.add("CreateVideo", (x + 260, 300), fps=16.0)
+    b.link(vae, vae_slot, decode, "vae")
+    video = b.add("CreateVideo", (x + 260, 300), fps=fps)
     b.link(decode, 0, video, "images")
     save = b.add("SaveVideo", (x + 520, 300), filename_prefix=prefix, format="auto", codec="auto")
     b.link(video, 0, save, "video")
@@ -362,13 +363,7 @@ def ltxv_t2v(schema):
     for source, slot, name in ((merge, 0, "model"), (conditioning, 0, "positive"), (conditioning, 1, "negative"),
                                (sampler, 0, "sampler"), (schedule, 0, "sigmas"), (latent, 0, "latent_image")):
         b.link(source, slot, run, name)
-    decode = b.add("VAEDecode", (1180, 500))
-    b.link(run, 0, decode, "samples")
-    b.link(loader, 2, decode, "vae")
-    video = b.add("CreateVideo", (1440, 500), fps=24.0)
-    b.link(decode, 0, video, "images")
-    save = b.add("SaveVideo", (1700, 500), filename_prefix="importance_tome_ltxv", format="auto", codec="auto")
-    b.link(video, 0, save, "video")
+    decode_video(b, run, loader, 1180, "importance_tome_ltxv", fps=24.0, vae_slot=2)
     return b.workflow("LTX-Video text to video (2B v0.9.5, 768x512, 97 frames = 13 latent frames of 24x16 tokens) at "
                       "cfg 3: the self-attention of every block runs on merged tokens, per latent frame, with the "
                       "importance map of the previous step; text tokens never merge. Models: Lightricks' "

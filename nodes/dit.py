@@ -114,6 +114,9 @@ class VideoDiTRuntime(MergeRuntime):
 
     family = "video transformers"
     CROSS_ATTN = False  # the family merges cross-attention with merge_cross_attn (PixArt)
+    # cfg 1 (Flux, HunyuanVideo, distilled models): the change map was ahead of random ToMe on every DiT demo model
+    # (held-out seeds, tests/cfg1_quality_protocol.sh)
+    CFG1_MODE = "change"
 
     def grid_merge(self, kind: str, metric: torch.Tensor, extra: dict, grid: TokenGrid,
                    block_index: Optional[int]) -> Optional[LevelMerge]:

@@ -35,7 +35,9 @@ _COMMON = {
     "importance": (list(IMPORTANCE_SOURCES), {
         "default": "cfg",
         "tooltip": "cfg: keep the tokens where the prompt matters most (|cond - uncond| of the previous step, the "
-                   "paper's method). random: plain ToMe random merging, for A/B comparisons.",
+                   "paper's method; at cfg 1, with no uncond pass: on diffusion transformers how much each position's "
+                   "prediction moved since the previous step, on UNets plain ToMe, see cfg1_mode on the Advanced "
+                   "node). random: plain ToMe random merging, for A/B comparisons.",
     }),
     "start_percent": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -152,12 +154,14 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "their destination's output (the paper's warm-up).",
             }),
             "cfg1_mode": (list(CFG1_MODES), {
-                "default": "random",
-                "tooltip": "When there is no uncond pass (cfg = 1, turbo/LCM, distilled video LoRAs): random = use plain "
-                           "ToMe merging, logged once per run; force_uncond = compute the uncond pass anyway to get "
-                           "the importance map (costs a second model pass per step); change = importance is how much "
-                           "each position's denoised prediction changed since the previous step (no extra pass; "
-                           "plain ToMe for the first two steps).",
+                "default": "auto",
+                "tooltip": "When there is no uncond pass (cfg = 1: turbo/LCM, Flux, distilled video LoRAs), so no "
+                           "CFG importance map: change = importance is how much each position's denoised prediction "
+                           "moved since the previous step (no extra model pass; plain ToMe for the first two steps); "
+                           "random = plain ToMe merging; force_uncond = compute the uncond pass anyway to get the CFG "
+                           "map (costs a second model pass per step); auto (default) = change on diffusion "
+                           "transformers (Flux, WAN, ...), random on UNets (SD1.x / SDXL), as measured. Logged once "
+                           "per run.",
             }),
             "merge_cross_attn": ("BOOLEAN", {
                 "default": False,

@@ -10,7 +10,7 @@ from ..merging import DST_MODES, ImportanceConfig, RandomGridConfig, max_ratio
 IMPORTANCE_SOURCES = ("cfg", "random")
 LEVEL_CHOICES = ("auto", "auto+1", "0", "1", "2", "0,1", "1,2", "0,1,2")
 WARMUP_MODES = ("prune", "merge")
-CFG1_MODES = ("random", "force_uncond", "change")
+CFG1_MODES = ("random", "force_uncond", "change", "auto")  # appended only: saved workflows store the name
 SCOPES = ("attention", "transformer", "queries")  # appended only: saved workflows store the name
 PARTITION_REUSE = ("stage", "level", "block")
 VIDEO_TOKENS = ("per_frame", "across_frames")  # video DiTs: merge within each latent frame, or across the clip
@@ -37,7 +37,9 @@ class MergeSettings:
     pool_scale: float = 1.2  # the paper: 1.4
     dst_mode: str = "grid"  # the quality benchmark's choice (the paper: random); see README "Quality benchmark"
     warmup_mode: str = "merge"  # likewise (the paper: prune)
-    cfg1_mode: str = "random"
+    # no uncond pass (cfg = 1): change = importance from how the prediction moved, random = plain ToMe; auto = the
+    # model family's choice (MergeRuntime.CFG1_MODE: change on DiTs, random on UNets; tests/cfg1_quality_protocol.sh)
+    cfg1_mode: str = "auto"
     merge_cross_attn: bool = False
     seed: int = 0
     tiles: str = "1x1"
@@ -102,6 +104,10 @@ class MergeSettings:
         if (weight_power, affinity) == (self.weight_power, self.affinity):
             return self
         return dataclasses.replace(self, weight_power=weight_power, affinity=affinity)
+
+    def with_cfg1_mode(self, family: str) -> "MergeSettings":
+        """These settings with an ``auto`` cfg1_mode replaced by a model family's choice."""
+        return dataclasses.replace(self, cfg1_mode=family) if self.cfg1_mode == "auto" else self
 
     def importance_config(self) -> ImportanceConfig:
         """The partition's settings; a weighting still ``auto`` here (no family resolved it) is

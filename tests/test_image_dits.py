@@ -122,21 +122,22 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, merge, fa
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev", "schnell"])
 def test_cfg1_change_importance(comfy, guidance):
     """Flux dev / schnell run at cfg 1 (no uncond pass): cfg1_mode = change takes importance from how much the
-    prediction moved since the previous step (no extra model pass: one row per call); random is the default."""
+    prediction moved since the previous step (no extra model pass: one row per call); it is the default, random
+    (plain ToMe) the alternative."""
     H.run_prompt(dit_graph(merge=SIMPLE, cfg=1.0, steps=4, guidance=guidance)[0].prompt)
     run = last_run()
-    assert run.maps_captured == 0 and any("no uncond pass" in f for f in run.fallbacks)
+    assert {c["rows"] for c in calls()} == {1}  # no uncond pass was added
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2  # evaluations 3 and 4 use a change map
     assert run.tokens == {0: (IMAGE, IMAGE // 2)}
     default = latent("out").clone()
     advanced = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
-                    cfg1_mode="change", merge_cross_attn=False, merge_seed=0)
+                    cfg1_mode="random", merge_cross_attn=False, merge_seed=0)
     g, _ = dit_graph(merge=None, cfg=1.0, steps=4, guidance=guidance)
     g.prompt["probe"]["inputs"]["model"] = g.add("ITM_ImportanceTokenMergingAdvanced", "merge",
                                                  model=["rec", 0], **advanced)[0]
     H.run_prompt(g.prompt)
     run = last_run()
-    assert {c["rows"] for c in calls()} == {1}  # no uncond pass was added
-    assert run.maps_captured == 3 and run.evaluations_with_map == 2  # evaluations 3 and 4 use a change map
+    assert run.maps_captured == 0 and any("no uncond pass" in f for f in run.fallbacks)  # plain ToMe, said so
     assert relative(latent("out"), default) > 1e-5
 
 

@@ -206,6 +206,8 @@ def test_chaining_the_node_twice_replaces_the_first(comfy):
 
 
 def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):
+    """cfg 1 on a UNet: cfg1_mode = auto takes random ToMe there (the change map measured no better with proportional
+    attention, tests/cfg1_quality_protocol.sh), said once per run."""
     caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
     H.run_prompt(sample_graph(cfg=1.0).prompt)
     run = summaries("probe")[-1]
@@ -214,6 +216,7 @@ def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):
     notes = [r for r in caplog.records if r.getMessage().startswith("Importance Token Merging: no uncond pass")]
     assert len(notes) == 1  # once per run, not once per step
     assert {r["cond_or_uncond"][0] for r in records("probe")} == {0}  # really no uncond rows
+    assert _nodes()["HostTestAttnProbe"].RUNTIMES["probe"].settings.cfg1_mode == "random"  # "auto" on a UNet
 
 
 def test_cfg_one_can_force_the_uncond_pass(comfy):

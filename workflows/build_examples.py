@@ -431,8 +431,8 @@ def flux_dev_t2i(schema):
     return b.workflow("Flux.1 dev text to image (1024x1024 = 64x64 image tokens + 512 text tokens): whole double- "
                       "and single-stream blocks run on half of the image tokens; text tokens are never merged. "
                       "Guidance-distilled, so cfg 1 with FluxGuidance: without an uncond pass there is no CFG "
-                      "importance map, and the node merges like random ToMe (or set cfg1_mode = change on the "
-                      "advanced node; see README). Models: flux1-dev, clip_l, t5xxl_fp16, ae.")
+                      "importance map; importance is how much each position's prediction moved since the previous "
+                      "step (cfg1_mode auto = change on DiTs; see README). Models: flux1-dev, clip_l, t5xxl_fp16, ae.")
 
 
 def prompt_pair(b, clip, y, negative):
@@ -503,9 +503,9 @@ def zimage_turbo_t2i(schema):
                        steps=8, cfg=1.0, sampler_name="res_multistep", scheduler="simple")
     return b.workflow("Z-Image-Turbo text to image (1024x1024 = 64x64 image tokens): the image tokens of every main "
                       "layer's joint attention are merged (Z-Image has no block hook, so attention only); text and "
-                      "pad tokens never. Distilled, so cfg 1: without an uncond pass the node merges like random ToMe "
-                      "(or set cfg1_mode = change on the advanced node; see README). Models: z_image_turbo_bf16, "
-                      "qwen_3_4b, ae.")
+                      "pad tokens never. Distilled, so cfg 1: without an uncond pass, importance is how much each "
+                      "position's prediction moved since the previous step (cfg1_mode auto = change on DiTs; see "
+                      "README). Models: z_image_turbo_bf16, qwen_3_4b, ae.")
 
 
 def pixart_sigma_t2i(schema):

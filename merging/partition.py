@@ -510,7 +510,7 @@ class _ImportanceTerms(NamedTuple):
 
     rank: torch.Tensor  # [S, N] importance rank of each token (0 = most important)
     pool_size: int  # tokens ranked at or beyond it are forced to merge
-    protected: int  # tokens ranked below it are never merged (unless the ratio needs them)
+    protected: int  # tokens ranked below it are never merged (unless the ratio needs them: then the least important)
     affinity: float  # share of the similarity that comes from alike ranks
     weights: Optional[torch.Tensor]  # [S, N] weights of a weighted mean merge, or None
 
@@ -540,9 +540,10 @@ def _assemble(
     score, match = _best_match(src_feats, dst_feats, chunk_size)
     if terms is not None:  # importance: tokens outside the pool are forced, the most important protected
         src_rank = terms.rank.gather(1, src)
+        score = score.float()  # the protected scores below need exact integers up to 4 N
         score = torch.where(src_rank >= terms.pool_size, torch.full_like(score, math.inf), score)
-        if terms.protected:
-            score = torch.where(src_rank < terms.protected, torch.full_like(score, -math.inf), score)
+        if terms.protected:  # below every similarity; when the ratio needs some of them, the least important go first
+            score = torch.where(src_rank < terms.protected, src_rank.to(score.dtype) - 4.0 * n, score)
     by_score = torch.argsort(score, dim=1, descending=True, stable=True)
     merged_pos, indep_pos = by_score[:, :r], by_score[:, r:]
     merged = src.gather(1, merged_pos)

@@ -5,8 +5,8 @@ Flux runs double-stream blocks (image and text streams, one joint attention over
 single-stream blocks on ``cat(txt, img)`` (:mod:`nodes.joint` does the merging). Image tokens are ``(h w)`` with a
 2×2 patch; Kontext / Flux.2 reference latents are appended after them (the tail), text comes first: neither is ever
 merged. RoPE positions travel with the tokens at the whole-block site. Flux dev and schnell run at cfg 1 (no uncond
-pass): their importance then comes from ``cfg1_mode`` (``change``, what ``auto`` takes on DiTs: how much each position's prediction
-moved since the previous step; ``random``: plain ToMe).
+pass): their importance then comes from ``cfg1_mode`` (``change``, what ``auto`` takes on DiTs: how much each
+position's prediction moved since the previous step; ``random``: plain ToMe).
 """
 from __future__ import annotations
 

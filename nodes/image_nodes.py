@@ -199,11 +199,12 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "of unrelated images. Needs scope = attention or queries.",
             }),
             "protect": ("FLOAT", {
-                "default": 0.0, "min": 0.0, "max": 0.9, "step": 0.05,
+                "default": AUTO, "min": AUTO, "max": 0.9, "step": 0.05,
                 "tooltip": "Fraction of all tokens, the most important ones by the importance map, that are never "
-                           "merged away (they stay as themselves unless the ratio needs them). 0 = off. Beyond the "
-                           "paper; works with every dst_mode (with grid: plain ToMe matching, important tokens "
-                           "protected).",
+                           "merged away (they stay as themselves unless the ratio needs them; then the least "
+                           "important of them merge first). 0 = off. Beyond the paper; works with every dst_mode. "
+                           "-1 = the model family's value: 0.1 on UNets at scope = attention with proportional "
+                           "attention (current ComfyUI), 0 elsewhere.",
             }),
             "weight_power": ("FLOAT", {
                 "default": AUTO, "min": AUTO, "max": 4.0, "step": 0.25,
@@ -244,7 +245,7 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
 
     def patch(self, model, ratio, importance, start_percent, end_percent, levels, scope, dst_fraction, pool_scale,
               dst_mode, warmup_mode, cfg1_mode, merge_cross_attn, merge_seed, tiles="1x1",
-              partition_reuse="stage", temporal_ratio=0.0, protect=0.0, weight_power=AUTO,
+              partition_reuse="stage", temporal_ratio=0.0, protect=AUTO, weight_power=AUTO,
               affinity=AUTO, video_tokens="per_frame", proportional_attention=True, unique_id=None):
         settings = MergeSettings(ratio=ratio, importance=importance, start_percent=start_percent,
                                  end_percent=end_percent, levels=levels, scope=scope, dst_fraction=dst_fraction,

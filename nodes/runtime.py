@@ -155,7 +155,8 @@ class MergeRuntime:
 
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
-        self.settings = settings.with_weighting(self.weighting_for(settings)).with_cfg1_mode(self.CFG1_MODE)
+        self.settings = (settings.with_weighting(self.weighting_for(settings)).with_protect(self.protect_for(settings))
+                         .with_cfg1_mode(self.CFG1_MODE))
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
         # a weak reference, so deep copies of model_options (2024 host) never copy the model
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
@@ -168,6 +169,11 @@ class MergeRuntime:
     def weighting_for(cls, settings: MergeSettings) -> Tuple[float, float]:
         """(weight_power, affinity) that "auto" takes with these settings on this family."""
         return cls.MERGE_WEIGHTING
+
+    @classmethod
+    def protect_for(cls, settings: MergeSettings) -> float:
+        """The share of most important tokens never merged that "auto" takes with these settings on this family."""
+        return 0.0
 
     def fresh(self) -> "MergeRuntime":
         """A runtime for one sampling run that shares settings and history with this one."""

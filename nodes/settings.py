@@ -16,7 +16,7 @@ PARTITION_REUSE = ("stage", "level", "block")
 VIDEO_TOKENS = ("per_frame", "across_frames")  # video DiTs: merge within each latent frame, or across the clip
 TILE_CHOICES = ("1x1", "1x2", "2x1", "2x2", "2x3", "3x2", "3x3", "4x4")  # rows x columns of views in one latent
 MAX_RATIO = 0.75  # what the default dst_fraction / strides allow; the advanced node checks its own combination
-AUTO = -1.0  # weight_power / affinity: the model family's value (MergeRuntime.MERGE_WEIGHTING)
+AUTO = -1.0  # weight_power / affinity / protect: the model family's value (MergeRuntime.MERGE_WEIGHTING, .protect_for)
 # (weight_power, affinity) that "auto" takes, chosen by the quality benchmarks (README "Quality benchmark", "PixArt",
 # "Video fidelity"): importance-weighted slot means on UNets (attention / transformer sites) and image DiTs; plain
 # means at the UNet queries site and on PixArt; plain means without importance affinity on video DiTs
@@ -45,7 +45,9 @@ class MergeSettings:
     tiles: str = "1x1"
     partition_reuse: str = "stage"  # one partition per level and UNet stage (down / middle / up) per model call
     temporal_ratio: float = 0.0  # > 0: the latent batch is a frame sequence; neighbouring frames share queries
-    protect: float = 0.0  # fraction of tokens, the most important, never merged away
+    # fraction of tokens, the most important, never merged away; AUTO: the model family's value
+    # (MergeRuntime.protect_for: 0.1 at the UNet attention site with proportional attention, 0 elsewhere)
+    protect: float = AUTO
     # > 0: importance-weighted mean merging (the paper: 0, plain mean); AUTO: the model family's value (3 on UNets
     # and image DiTs; 0 at the UNet queries site, on PixArt and on video DiTs, where plain means measured better)
     weight_power: float = AUTO
@@ -78,8 +80,8 @@ class MergeSettings:
             )
         if not 0.0 < self.dst_fraction < 1.0:
             raise ValueError(f"dst_fraction must be in (0, 1), got {self.dst_fraction}")
-        if not 0.0 <= self.protect < 1.0:
-            raise ValueError(f"protect must be in [0, 1), got {self.protect}")
+        if not (self.protect == AUTO or 0.0 <= self.protect < 1.0):
+            raise ValueError(f"protect must be in [0, 1) (or -1 = the model family's value), got {self.protect}")
         if not self.pool_scale >= 1.0:
             raise ValueError(f"pool_scale must be >= 1, got {self.pool_scale}")
         if not (self.weight_power == AUTO or 0.0 <= self.weight_power):
@@ -105,6 +107,10 @@ class MergeSettings:
             return self
         return dataclasses.replace(self, weight_power=weight_power, affinity=affinity)
 
+    def with_protect(self, family: float) -> "MergeSettings":
+        """These settings with an ``auto`` protect replaced by a model family's value."""
+        return dataclasses.replace(self, protect=family) if self.protect == AUTO else self
+
     def with_cfg1_mode(self, family: str) -> "MergeSettings":
         """These settings with an ``auto`` cfg1_mode replaced by a model family's choice."""
         return dataclasses.replace(self, cfg1_mode=family) if self.cfg1_mode == "auto" else self
@@ -113,7 +119,8 @@ class MergeSettings:
         """The partition's settings; a weighting still ``auto`` here (no family resolved it) is
         :data:`DEFAULT_WEIGHTING`."""
         weight_power, affinity = self.weighting()
-        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=self.protect,
+        protect = 0.0 if self.protect == AUTO else self.protect
+        return ImportanceConfig(self.ratio, self.dst_fraction, self.pool_scale, self.dst_mode, protect=protect,
                                 weight_power=weight_power, affinity=affinity)
 
     def random_config(self) -> RandomGridConfig:

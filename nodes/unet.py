@@ -45,6 +45,9 @@ from .runtime import (  # noqa: F401 (KEY: re-exported, the transformer_options 
 )
 from .settings import PLAIN_WEIGHTING, MergeSettings
 
+UNET_PROTECT = 0.1  # protect = "auto" at the UNet attention site with proportional attention ...
+UNET_PROTECT_UNTIL = (0.5, 0.7)  # ... up to this ratio, fading linearly to 0 at this one
+
 log = logging.getLogger("comfyui_importance_tome")
 
 TEMPORAL_FLAG = "importance_tome_temporal"  # set in transformer_options inside temporal transformer blocks
@@ -59,6 +62,18 @@ class UNetRuntime(MergeRuntime):
         # the queries site: plain means (keys and values keep every token there, so a merged query only has to stand
         # for its group's outputs; held-out demo images: +0.26 to +0.48 dB over weight_power 3)
         return PLAIN_WEIGHTING if settings.scope == "queries" else cls.MERGE_WEIGHTING
+
+    @classmethod
+    def protect_for(cls, settings: MergeSettings) -> float:
+        # the attention site with proportional attention: the 10 % most important tokens stay themselves up to ratio
+        # 0.5, fading to none at 0.7, where only 5 % of the tokens stay independent and keeping the most important
+        # ones measured worse than letting similarity choose (held-out demo images, README "Quality benchmark"); not
+        # measured without proportional attention (ComfyUI before 0.3.60) or at the other sites
+        proportional = settings.proportional_attention and has_attention_override()
+        if settings.scope != "attention" or not proportional:
+            return 0.0
+        full, none = UNET_PROTECT_UNTIL
+        return round(UNET_PROTECT * min(max((none - settings.ratio) / (none - full), 0.0), 1.0), 4)
 
     def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
         """The partition (and merge mode) for this block's tokens, or None to leave the block alone."""

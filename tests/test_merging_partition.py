@@ -386,6 +386,29 @@ def test_protected_tokens_are_never_merged_while_others_can_be(dst_mode):
     assert merged_counts[0] > 0 and merged_counts[1] == 0, merged_counts
 
 
+def test_protected_tokens_beyond_what_the_ratio_keeps_merge_least_important_first():
+    """protect = 0.3 at ratio 0.7 with 2x2 destination cells: only 5 % of the tokens can stay independent, so some
+    protected tokens must merge; they are the least important of the protected ones, and the most important ones
+    are never merged."""
+    grid = TokenGrid(16, 16)
+    torch.manual_seed(0)
+    metric = torch.randn(1, 256, 16)
+    importance = torch.rand(1, 256)
+    config = ImportanceConfig(0.7, 0.25, 1.2, "grid", protect=0.3)
+    part = importance_partition(metric, importance, config, generator=_gen(2), grid=grid)
+    roles = part.roles[0]
+    order = torch.argsort(importance[0], descending=True)
+    protected = order[:int(256 * 0.3)]
+    is_dst = roles == int(TokenRole.DESTINATION)
+    independent = (roles == int(TokenRole.INDEPENDENT)).nonzero().flatten()
+    assert len(independent) == 256 - 179 - int(is_dst.sum())
+    assert set(independent.tolist()) <= set(protected.tolist())  # the kept sources are all protected ones
+    rank = torch.empty(256, dtype=torch.long)
+    rank[order] = torch.arange(256)
+    merged_protected = [int(t) for t in protected if roles[t] == int(TokenRole.MERGED)]
+    assert merged_protected and min(rank[merged_protected]) > max(rank[independent])  # least important merged first
+
+
 def test_protect_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match=r"protect must be in \[0, 1\)"):
         plan_sizes(64, ImportanceConfig(0.5, protect=1.0))

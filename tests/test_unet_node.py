@@ -219,6 +219,29 @@ def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):
     assert _nodes()["HostTestAttnProbe"].RUNTIMES["probe"].settings.cfg1_mode == "random"  # "auto" on a UNet
 
 
+def test_auto_settings_take_the_model_familys_values(comfy):
+    """protect and cfg1_mode "auto" (the defaults) resolve per family: protect 0.1 at the UNet attention site with
+    proportional attention (current ComfyUI), 0 without it, at the queries site and on DiTs; cfg1_mode random on
+    UNets, change on DiTs. Explicit values are kept."""
+    unet, dit, settings = (H.pack_module(name) for name in ("nodes.unet", "nodes.dit", "nodes.settings"))
+    ms = settings.MergeSettings
+    assert ms().protect == settings.AUTO and ms().cfg1_mode == "auto"
+    modern = H.host_kind() == "modern"
+    assert unet.UNetRuntime(ms()).settings.protect == (0.1 if modern else 0.0)
+    assert unet.UNetRuntime(ms(ratio=0.3)).settings.protect == (0.1 if modern else 0.0)
+    assert unet.UNetRuntime(ms(ratio=0.6)).settings.protect == (0.05 if modern else 0.0)
+    assert unet.UNetRuntime(ms(ratio=0.7)).settings.protect == 0.0
+    assert unet.UNetRuntime(ms(proportional_attention=False)).settings.protect == 0.0
+    assert unet.UNetRuntime(ms(scope="queries")).settings.protect == 0.0
+    assert unet.UNetRuntime(ms(protect=0.3)).settings.protect == 0.3
+    assert dit.VideoDiTRuntime(ms()).settings.protect == 0.0
+    assert unet.UNetRuntime(ms()).settings.cfg1_mode == "random"
+    assert dit.VideoDiTRuntime(ms()).settings.cfg1_mode == "change"
+    assert dit.VideoDiTRuntime(ms(cfg1_mode="random")).settings.cfg1_mode == "random"
+    with pytest.raises(ValueError, match="protect must be in"):
+        ms(protect=-0.5)
+
+
 def test_cfg_one_can_force_the_uncond_pass(comfy):
     H.run_prompt(sample_graph(merge=dict(ADVANCED, cfg1_mode="force_uncond"), advanced=True, cfg=1.0).prompt)
     run = summaries("probe")[-1]

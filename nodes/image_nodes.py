@@ -204,7 +204,7 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "merged away (they stay as themselves unless the ratio needs them; then the least "
                            "important of them merge first). 0 = off. Beyond the paper; works with every dst_mode. "
                            "-1 = the model family's value: 0.1 on UNets at scope = attention with proportional "
-                           "attention (current ComfyUI), 0 elsewhere.",
+                           "attention (current ComfyUI) up to ratio 0.5, fading to 0 at 0.7; 0 elsewhere.",
             }),
             "weight_power": ("FLOAT", {
                 "default": AUTO, "min": AUTO, "max": 4.0, "step": 0.25,

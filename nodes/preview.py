@@ -167,7 +167,8 @@ class MergePreview:
     OUTPUT_TOOLTIPS = (
         "The importance map (|cond - uncond| of the previous step, bright = important; at cfg 1 on diffusion "
         "transformers how much the prediction moved) over each image; grey where the step had no map (the first "
-        "step, importance = random).",
+        "step, the first two at cfg 1 on diffusion transformers, every step at cfg 1 on UNets or with importance = "
+        "random).",
         "Each token of the merged level over each image: green = kept as itself, yellow = kept and other tokens "
         "merged into it, blue = merged away (it gets its destination's result).",
     )

@@ -34,7 +34,7 @@ from typing import Callable, Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 import torch
 
 from ..merging import Partition, TemporalShare, TokenGrid, importance_map, quantise_map
-from .settings import DEFAULT_WEIGHTING, MergeSettings, sigma_range
+from .settings import AUTO, DEFAULT_WEIGHTING, MergeSettings, sigma_range
 
 log = logging.getLogger("comfyui_importance_tome")
 
@@ -155,8 +155,9 @@ class MergeRuntime:
 
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
-        self.settings = (settings.with_weighting(self.weighting_for(settings)).with_protect(self.protect_for(settings))
-                         .with_cfg1_mode(self.CFG1_MODE))
+        self.settings = settings.with_weighting(self.weighting_for(settings)).with_cfg1_mode(self.CFG1_MODE)
+        if self.settings.protect == AUTO:
+            self.settings = self.settings.with_protect(self.protect_for(self.settings))
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
         # a weak reference, so deep copies of model_options (2024 host) never copy the model
         self._model = model if isinstance(model, weakref.ref) else (weakref.ref(model) if model is not None else None)
@@ -388,7 +389,8 @@ class MergeRuntime:
         elif run.no_uncond:
             run.map = None
             self.note("cfg1", "no uncond pass (cfg = 1 or a guider without one): merging with the random "
-                      "ToMe baseline instead (set cfg1_mode = change or force_uncond on the advanced node)")
+                      "ToMe baseline instead (cfg1_mode on the advanced node: force_uncond computes the uncond "
+                      "pass for the map, change uses how the prediction moved; see README \"cfg = 1\")")
             return
         else:
             run.map = importance_map(cond, uncond)
@@ -490,6 +492,7 @@ def attach(patched, runtime: MergeRuntime, settings: MergeSettings) -> None:
     """Put ``runtime`` on a cloned model with the capture hook and (current ComfyUI) the per-run wrapper."""
     patched.model_options.setdefault("transformer_options", {})[KEY] = runtime
     # also with importance = random: the hook hands each finished evaluation to the live preview
+    settings = runtime.settings  # "auto" values resolved for the model family
     force = settings.importance == "cfg" and settings.cfg1_mode == "force_uncond"
     patched.set_model_sampler_post_cfg_function(ImportanceCapture(), disable_cfg1_optimization=force)
     if force:

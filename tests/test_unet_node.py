@@ -242,6 +242,21 @@ def test_auto_settings_take_the_model_familys_values(comfy):
         ms(protect=-0.5)
 
 
+def test_protect_auto_reaches_the_partition(comfy):
+    """The simple node (protect = auto) gives exactly the Advanced node's image with protect 0.1 on current ComfyUI
+    (proportional attention) and with protect 0 on the 2024 host; the two values give different images."""
+    defaults = dict(SIMPLE, dst_fraction=0.25, pool_scale=1.2, dst_mode="grid", warmup_mode="merge",
+                    cfg1_mode="auto", merge_cross_attn=False, merge_seed=0)
+    images = {}
+    for name, merge, advanced in (("auto", SIMPLE, False), ("0", dict(defaults, protect=0.0), True),
+                                  ("0.1", dict(defaults, protect=0.1), True)):
+        H.run_prompt(sample_graph(merge=merge, advanced=advanced).prompt)
+        images[name] = latent("out").clone()
+    assert float((images["0.1"] - images["0"]).abs().max()) > 1e-6
+    same = "0.1" if H.host_kind() == "modern" else "0"
+    torch.testing.assert_close(images["auto"], images[same], atol=0, rtol=0)
+
+
 def test_cfg_one_can_force_the_uncond_pass(comfy):
     H.run_prompt(sample_graph(merge=dict(ADVANCED, cfg1_mode="force_uncond"), advanced=True, cfg=1.0).prompt)
     run = summaries("probe")[-1]

@@ -540,9 +540,9 @@ def _assemble(
     score, match = _best_match(src_feats, dst_feats, chunk_size)
     if terms is not None:  # importance: tokens outside the pool are forced, the most important protected
         src_rank = terms.rank.gather(1, src)
-        score = score.float()  # the protected scores below need exact integers up to 4 N
         score = torch.where(src_rank >= terms.pool_size, torch.full_like(score, math.inf), score)
-        if terms.protected:  # below every similarity; when the ratio needs some of them, the least important go first
+        if terms.protected:  # below every similarity (float32 scores: exact to 4N for millions of tokens); when the
+            # ratio needs some of them, the least important go first
             score = torch.where(src_rank < terms.protected, src_rank.to(score.dtype) - 4.0 * n, score)
     by_score = torch.argsort(score, dim=1, descending=True, stable=True)
     merged_pos, indep_pos = by_score[:, :r], by_score[:, r:]

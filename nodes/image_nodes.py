@@ -36,8 +36,8 @@ _COMMON = {
         "default": "cfg",
         "tooltip": "cfg: keep the tokens where the prompt matters most (|cond - uncond| of the previous step, the "
                    "paper's method; at cfg 1, with no uncond pass: on diffusion transformers how much each position's "
-                   "prediction moved since the previous step, on UNets plain ToMe, see cfg1_mode on the Advanced "
-                   "node). random: plain ToMe random merging, for A/B comparisons.",
+                   "prediction moved since the previous step, on UNets plain ToMe (the moved map too on ComfyUI before "
+                   "0.3.60), see cfg1_mode on the Advanced node). random: plain ToMe random merging, for A/B comparisons.",
     }),
     "start_percent": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -160,8 +160,9 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                            "moved since the previous step (no extra model pass; plain ToMe for the first two steps); "
                            "random = plain ToMe merging; force_uncond = compute the uncond pass anyway to get the CFG "
                            "map (costs a second model pass per step); auto (default) = change on diffusion "
-                           "transformers (Flux, WAN, ...), random on UNets (SD1.x / SDXL), as measured. Logged once "
-                           "per run.",
+                           "transformers (Flux, WAN, ...) and on UNets at scope = attention without proportional "
+                           "attention (ComfyUI before 0.3.60), random on other UNets (SD1.x / SDXL), as measured. "
+                           "Logged once per run.",
             }),
             "merge_cross_attn": ("BOOLEAN", {
                 "default": False,
@@ -232,14 +233,15 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
             }),
             "proportional_attention": ("BOOLEAN", {
                 "default": True,
-                "tooltip": "scope = attention: each merged token counts as many times as the tokens it stands for "
+                "tooltip": "Each merged token counts as many times as the tokens it stands for in self-attention "
                            "(log of the count added to its attention logits, as in ToMe), so merged regions keep "
-                           "their share of attention (next to the text tokens, in joint attention). UNets: 2-9 dB "
-                           "closer to the unmerged image on the UNet demo model at ratios 0.3-0.7 (needs ComfyUI "
-                           "0.3.60 or newer; older ComfyUI merges without it, logged); transformers (Flux, SD3 / "
-                           "SD3.5, Qwen-Image, Z-Image, HunyuanVideo, WAN, LTX-Video): about 1-2 dB on the DiT demo "
-                           "models. Ignored with scope = queries (keys are not merged) and scope = transformer, where "
-                           "it measured worse on DiTs, and on PixArt, whose attention kernel the node cannot reach.",
+                           "their share of attention (next to the text tokens, in joint attention). UNets, scope = "
+                           "attention: 2-9 dB closer to the unmerged image on the UNet demo model at ratios 0.3-0.7; "
+                           "scope = transformer: about 1 dB (both need ComfyUI 0.3.60 or newer; older ComfyUI merges "
+                           "without it, logged). Transformers (Flux, SD3 / SD3.5, Qwen-Image, Z-Image, HunyuanVideo, "
+                           "WAN, LTX-Video), scope = attention: about 1-2 dB on the DiT demo models. Ignored with "
+                           "scope = queries (keys are not merged), with scope = transformer on transformers (measured "
+                           "worse there) and on PixArt, whose attention kernel the node cannot reach.",
             }),
         }, "hidden": _HIDDEN}
 

@@ -155,7 +155,8 @@ class MergeRuntime:
 
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
-        self.settings = settings.with_weighting(self.weighting_for(settings)).with_cfg1_mode(self.CFG1_MODE)
+        self.settings = settings.with_weighting(self.weighting_for(settings))
+        self.settings = self.settings.with_cfg1_mode(self.cfg1_mode_for(self.settings))
         if self.settings.protect == AUTO:
             self.settings = self.settings.with_protect(self.protect_for(self.settings))
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;
@@ -175,6 +176,11 @@ class MergeRuntime:
     def protect_for(cls, settings: MergeSettings) -> float:
         """The share of most important tokens never merged that "auto" takes with these settings on this family."""
         return 0.0
+
+    @classmethod
+    def cfg1_mode_for(cls, settings: MergeSettings) -> str:
+        """What ``cfg1_mode = "auto"`` takes with these settings on this family."""
+        return cls.CFG1_MODE
 
     def fresh(self) -> "MergeRuntime":
         """A runtime for one sampling run that shares settings and history with this one."""

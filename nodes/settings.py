@@ -38,7 +38,8 @@ class MergeSettings:
     dst_mode: str = "grid"  # the quality benchmark's choice (the paper: random); see README "Quality benchmark"
     warmup_mode: str = "merge"  # likewise (the paper: prune)
     # no uncond pass (cfg = 1): change = importance from how the prediction moved, random = plain ToMe; auto = the
-    # model family's choice (MergeRuntime.CFG1_MODE: change on DiTs, random on UNets; tests/cfg1_quality_protocol.sh)
+    # model family's choice (MergeRuntime.cfg1_mode_for: change on DiTs and at the UNet attention site without
+    # proportional attention, random on other UNet settings; tests/cfg1_quality_protocol.sh)
     cfg1_mode: str = "auto"
     merge_cross_attn: bool = False
     seed: int = 0
@@ -54,9 +55,9 @@ class MergeSettings:
     affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2
     # (0 on video DiTs)
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
-    # attention site: merged keys count as many times as the tokens they stand for (ToMe's proportional attention;
-    # about +1 to +2 dB on the image and video DiT demo models, +2 to +9 dB on the UNet demo model, where it needs
-    # ComfyUI's attention override)
+    # merged keys count as many times as the tokens they stand for (ToMe's proportional attention): at the attention
+    # site about +1 to +2 dB on the image and video DiT demo models, +2 to +9 dB on the UNet demo model; in UNet
+    # transformer stacks (scope = transformer) about +1 dB (UNets need ComfyUI's attention override)
     proportional_attention: bool = True
 
     def __post_init__(self) -> None:

@@ -75,6 +75,14 @@ class UNetRuntime(MergeRuntime):
         full, none = UNET_PROTECT_UNTIL
         return round(UNET_PROTECT * min(max((none - settings.ratio) / (none - full), 0.0), 1.0), 4)
 
+    @classmethod
+    def cfg1_mode_for(cls, settings: MergeSettings) -> str:
+        # cfg 1: the change map at the attention site without proportional attention (ComfyUI before 0.3.60, or
+        # switched off), where it was well ahead of random ToMe; random ToMe with proportional attention (the change
+        # map level or slightly behind there) and at the other sites (held-out demo images, README "cfg = 1")
+        proportional = settings.proportional_attention and has_attention_override()
+        return "change" if settings.scope == "attention" and not proportional else cls.CFG1_MODE
+
     def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
         """The partition (and merge mode) for this block's tokens, or None to leave the block alone."""
         shape = extra.get("original_shape")
@@ -175,7 +183,7 @@ class SelfAttnMerge:
 
     def __call__(self, n, context, value, extra):
         runtime = runtime_of(extra)
-        if runtime is None:
+        if runtime is None or extra.get(STACK_FLAG):  # inside a merged stack: its tokens are merged already
             return n, context, value
         plan = runtime.partition_for(n, extra)
         run = runtime.run
@@ -208,7 +216,7 @@ class SelfAttnUnmerge:
 
     def __call__(self, n, extra):
         runtime = runtime_of(extra)
-        plan = runtime.run.block if runtime is not None else None
+        plan = runtime.run.block if runtime is not None and not extra.get(STACK_FLAG) else None
         if plan is None:
             return n
         runtime.run.site_marker = None
@@ -247,7 +255,7 @@ class CrossAttnMerge:
 
     def __call__(self, n, context, value, extra):
         runtime = runtime_of(extra)
-        plan = runtime.run.block if runtime is not None else None
+        plan = runtime.run.block if runtime is not None and not extra.get(STACK_FLAG) else None
         if plan is None or n.shape[1] != plan.partition.sizes.num_tokens:
             return n, context, value
         return plan.partition.merge(n, plan.mode), context, value
@@ -284,19 +292,25 @@ def merged_stack_class():
                 x = self.proj_in(x)
             runtime = runtime_of(transformer_options)
             plan = runtime.partition_for(x, transformer_options) if runtime is not None else None
+            run = runtime.run if plan is not None else None
             if plan is not None:
-                runtime.run.summary.merged_calls += 1
+                run.summary.merged_calls += 1
                 full, x = x, plan.partition.merge(x, plan.mode)
                 # a copy: the 2024 host's blocks add their updates in place (``x += n``), which would also change
                 # the merged input and cancel every update in ``x - merged_in`` below
                 merged_in = x.clone()
                 transformer_options[STACK_FLAG] = True
+                run.block = plan
             try:
                 for index, block in enumerate(self.transformer_blocks):
                     transformer_options["block_index"] = index
+                    if run is not None:  # the block's first attention call is its self-attention on merged tokens
+                        run.site_marker = plan  # (proportional attention: :class:`SelfAttentionBias`)
                     x = block(x, context=context[index], transformer_options=transformer_options)
             finally:
                 transformer_options.pop(STACK_FLAG, None)
+                if run is not None:
+                    run.block = run.site_marker = None
             if plan is not None:
                 x = full + plan.partition.unmerge(x - merged_in)
             if self.use_linear:
@@ -391,16 +405,16 @@ def apply(model, settings: MergeSettings, live=None):
         if video_stacks:  # video transformer stacks keep per-frame spatial merging through the attention patches
             log.info("Importance Token Merging: scope = transformer applies to image transformer stacks; the %d "
                      "video transformer stacks merge their spatial self-attention only", video_stacks)
+    if settings.scope in ("attention", "transformer") and settings.proportional_attention:
+        if has_attention_override():
+            options = patched.model_options["transformer_options"]
+            options[OVERRIDE] = SelfAttentionBias(options.get(OVERRIDE))
+        else:
+            log.info("Importance Token Merging: proportional_attention needs ComfyUI's attention override "
+                     "(ComfyUI 0.3.60 or newer); this ComfyUI merges self-attention without it")
     if settings.scope != "transformer" or video_stacks:
         patched.set_model_attn1_patch(SelfAttnMerge())
         patched.set_model_attn1_output_patch(SelfAttnUnmerge())
-        if settings.scope == "attention" and settings.proportional_attention:
-            if has_attention_override():
-                options = patched.model_options["transformer_options"]
-                options[OVERRIDE] = SelfAttentionBias(options.get(OVERRIDE))
-            else:
-                log.info("Importance Token Merging: proportional_attention needs ComfyUI's attention override "
-                         "(ComfyUI 0.3.60 or newer); this ComfyUI merges self-attention without it")
         if settings.merge_cross_attn:
             patched.set_model_attn2_patch(CrossAttnMerge())
             patched.set_model_attn2_output_patch(CrossAttnUnmerge())

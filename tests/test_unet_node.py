@@ -54,19 +54,21 @@ def token_counts(node_id="probe"):
     return {(r["tokens"], r["kv_tokens"]) for r in records(node_id)}
 
 
-def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monkeypatch, caplog):
-    """proportional_attention (the default) at the attention site: the self-attention call that merging shortened gets
-    log(slot size) added to the logits of each merged key (on the CPU as one more channel per head: the queries' is 1,
-    the keys' log of their slot's token count, which adds up to the 256 tokens of the merged level); cross-attention
-    and the unmerged levels run as before. It needs ComfyUI's attention override: on the 2024 host it is off, with a
-    logged note, and the image is the plain one."""
+@pytest.mark.parametrize("scope", ["attention", "transformer"])
+def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monkeypatch, caplog, scope):
+    """proportional_attention (the default) at the attention site and in whole merged transformer stacks: the
+    self-attention call on merged tokens gets log(slot size) added to the logits of each merged key (on the CPU as one
+    more channel per head: the queries' is 1, the keys' log of their slot's token count, which adds up to the 256
+    tokens of the merged level); cross-attention (merged queries too with scope = transformer) and the unmerged levels
+    run as before. It needs ComfyUI's attention override: on the 2024 host it is off, with a logged note, and the
+    image is the plain one."""
     import logging
 
     caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
     monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
     modern = H.host_kind() == "modern"
     images = {}
-    settings = dict(ADVANCED, dst_mode="grid", warmup_mode="merge")  # mean merging from the first step
+    settings = dict(ADVANCED, dst_mode="grid", warmup_mode="merge", scope=scope)  # mean merging from the first step
     for proportional in (False, True):
         g = Graph()
         tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
@@ -205,24 +207,38 @@ def test_chaining_the_node_twice_replaces_the_first(comfy):
         assert plain.model_options["transformer_options"]["optimized_attention_override"] is earlier
 
 
-def test_cfg_one_falls_back_to_random_and_says_so(comfy, caplog):
-    """cfg 1 on a UNet: cfg1_mode = auto takes random ToMe there (the change map measured no better with proportional
-    attention, tests/cfg1_quality_protocol.sh), said once per run."""
+def test_cfg_one_auto_source_on_a_unet_and_says_so(comfy, caplog):
+    """cfg 1 on a UNet, cfg1_mode = auto (the simple node): with proportional attention (current ComfyUI) random ToMe,
+    where the change map measured no better; without it (the 2024 host, or switched off on the Advanced node) the
+    change map, which measured well ahead there (tests/cfg1_quality_protocol.sh). Said once per run."""
     caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
+    modern = H.host_kind() == "modern"
     H.run_prompt(sample_graph(cfg=1.0).prompt)
     run = summaries("probe")[-1]
-    assert run.maps_captured == 0 and run.evaluations_with_map == 0 and run.merged_calls > 0
-    assert any("no uncond pass" in f for f in run.fallbacks)
-    notes = [r for r in caplog.records if r.getMessage().startswith("Importance Token Merging: no uncond pass")]
-    assert len(notes) == 1  # once per run, not once per step
     assert {r["cond_or_uncond"][0] for r in records("probe")} == {0}  # really no uncond rows
-    assert _nodes()["HostTestAttnProbe"].RUNTIMES["probe"].settings.cfg1_mode == "random"  # "auto" on a UNet
+    assert _nodes()["HostTestAttnProbe"].RUNTIMES["probe"].settings.cfg1_mode == ("random" if modern else "change")
+    assert run.merged_calls > 0
+    if modern:
+        assert run.maps_captured == 0 and run.evaluations_with_map == 0
+        assert any("no uncond pass" in f for f in run.fallbacks)
+        notes = [r for r in caplog.records if r.getMessage().startswith("Importance Token Merging: no uncond pass")]
+        assert len(notes) == 1  # once per run, not once per step
+    else:
+        assert run.maps_captured == 3 and run.evaluations_with_map == 2
+        assert any("change of the denoised prediction" in f for f in run.fallbacks)
+    caplog.clear()
+    H.run_prompt(sample_graph(merge=dict(ADVANCED, cfg1_mode="auto", proportional_attention=False), advanced=True,
+                              cfg=1.0).prompt)
+    run = summaries("probe")[-1]
+    assert _nodes()["HostTestAttnProbe"].RUNTIMES["probe"].settings.cfg1_mode == "change"  # both hosts
+    assert run.maps_captured == 3 and run.evaluations_with_map == 2
 
 
 def test_auto_settings_take_the_model_familys_values(comfy):
     """protect and cfg1_mode "auto" (the defaults) resolve per family: protect 0.1 at the UNet attention site with
-    proportional attention (current ComfyUI), 0 without it, at the queries site and on DiTs; cfg1_mode random on
-    UNets, change on DiTs. Explicit values are kept."""
+    proportional attention (current ComfyUI), 0 without it, at the queries site and on DiTs; cfg1_mode change on DiTs
+    and at the UNet attention site without proportional attention, random on other UNet settings. Explicit values are
+    kept."""
     unet, dit, settings = (H.pack_module(name) for name in ("nodes.unet", "nodes.dit", "nodes.settings"))
     ms = settings.MergeSettings
     assert ms().protect == settings.AUTO and ms().cfg1_mode == "auto"
@@ -235,7 +251,11 @@ def test_auto_settings_take_the_model_familys_values(comfy):
     assert unet.UNetRuntime(ms(scope="queries")).settings.protect == 0.0
     assert unet.UNetRuntime(ms(protect=0.3)).settings.protect == 0.3
     assert dit.VideoDiTRuntime(ms()).settings.protect == 0.0
-    assert unet.UNetRuntime(ms()).settings.cfg1_mode == "random"
+    assert unet.UNetRuntime(ms()).settings.cfg1_mode == ("random" if modern else "change")
+    assert unet.UNetRuntime(ms(proportional_attention=False)).settings.cfg1_mode == "change"
+    assert unet.UNetRuntime(ms(scope="queries")).settings.cfg1_mode == "random"
+    assert unet.UNetRuntime(ms(scope="transformer", proportional_attention=False)).settings.cfg1_mode == "random"
+    assert unet.UNetRuntime(ms(cfg1_mode="random", proportional_attention=False)).settings.cfg1_mode == "random"
     assert dit.VideoDiTRuntime(ms()).settings.cfg1_mode == "change"
     assert dit.VideoDiTRuntime(ms(cfg1_mode="random")).settings.cfg1_mode == "random"
     with pytest.raises(ValueError, match="protect must be in"):

@@ -37,7 +37,8 @@ _COMMON = {
         "tooltip": "cfg: keep the tokens where the prompt matters most (|cond - uncond| of the previous step, the "
                    "paper's method; at cfg 1, with no uncond pass: on diffusion transformers how much each position's "
                    "prediction moved since the previous step, on UNets plain ToMe (the moved map too on ComfyUI before "
-                   "0.3.60), see cfg1_mode on the Advanced node). random: plain ToMe random merging, for A/B comparisons.",
+                   "0.3.60), see cfg1_mode on the Advanced node). random: plain ToMe random merging, for A/B "
+                   "comparisons.",
     }),
     "start_percent": ("FLOAT", {
         "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,

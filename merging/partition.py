@@ -21,6 +21,7 @@ scatter / gather each. Merged sequences are ordered ``[independent tokens; desti
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Optional, Union
@@ -198,13 +199,16 @@ class Partition:
             return x.gather(1, self.kept_tokens[:, :, None].expand(batch, -1, channels))
         if mode != "mean":
             raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
-        index = self.slot_of_token[:, :, None].expand(batch, -1, channels)
+        # rows flattened into one axis: index_add_ / index_select over whole rows of channels are 2-3x faster than
+        # scatter_add_ / gather with an index expanded over the channels (CPU, fp32, 5k tokens x 2k channels)
         if self.token_weights is not None:  # weighted mean: a slot leans towards its heavier tokens
-            summed = x.new_zeros(batch, self.sizes.num_kept, channels).scatter_add_(
-                1, index, x * self.token_weights.to(x.dtype))
-            return summed / self.slot_weights.to(x.dtype)
-        summed = x.new_zeros(batch, self.sizes.num_kept, channels).scatter_add_(1, index, x)
-        return summed / self.slot_counts.to(x.dtype)
+            x = x * self.token_weights.to(x.dtype)
+            weights = self.slot_weights
+        else:
+            weights = self.slot_counts
+        summed = x.new_zeros(batch * self.sizes.num_kept, channels).index_add_(
+            0, self._flat_slots, x.reshape(-1, channels))
+        return summed.view(batch, self.sizes.num_kept, channels).div_(weights.to(x.dtype))
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """[B, N - r, C] → [B, N, C]: each token gets its slot's value (merged tokens copy their destination)."""
@@ -212,7 +216,14 @@ class Partition:
             return y
         self._check(y, self.sizes.num_kept)
         batch, _, channels = y.shape
-        return y.gather(1, self.slot_of_token[:, :, None].expand(batch, -1, channels))
+        return y.reshape(-1, channels).index_select(0, self._flat_slots).view(batch, self.sizes.num_tokens, channels)
+
+    @functools.cached_property
+    def _flat_slots(self) -> torch.Tensor:
+        """[B * N] slot of each token in the rows-flattened merged sequence (row b's slots start at b * (N - r))."""
+        rows = self.slot_of_token.shape[0]
+        offsets = torch.arange(rows, device=self.slot_of_token.device)[:, None] * self.sizes.num_kept
+        return (self.slot_of_token + offsets).reshape(-1)
 
     def _check(self, x: torch.Tensor, length: int) -> None:
         rows = self.slot_of_token.shape[0]

@@ -44,7 +44,7 @@ class ChainedOverride:
         if not runtime.settings.proportional_attention or plan.mode != "mean" or part.is_identity:
             return self._call(func, merged + rest, kwargs)
         q, k = merged[:2]
-        as_mask = _bias_as_mask(q.device)
+        as_mask = _bias_as_mask(q.device, func)
         if as_mask and getattr(func, "__name__", "") in MASKLESS_KERNELS:
             runtime.note("bias", "proportional attention is off with the %s kernel, which takes no attention mask "
                          "on this device", func.__name__)
@@ -70,10 +70,12 @@ class ChainedOverride:
 MASKLESS_KERNELS = ("attention_sage", "attention3_sage", "attention_flash")
 
 
-def _bias_as_mask(device: torch.device) -> bool:
+def _bias_as_mask(device: torch.device, func=None) -> bool:
     """Proportional attention's key bias goes to the kernel as a mask (GPUs and other accelerators: their kernels
-    keep their head size) or as an extra channel per head (the CPU)."""
-    return device.type != "cpu"
+    keep their head size; PyTorch SDPA on the CPU too, which broadcasts a [B, 1, 1, Lk] mask: about 3 % over the
+    unbiased kernel at 2.5k tokens, the extra channel 25 %) or as an extra channel per head (the CPU's other kernels,
+    e.g. ComfyUI's default sub-quadratic one, which would expand a mask to full size)."""
+    return device.type != "cpu" or getattr(func, "__name__", "") == "attention_pytorch"
 
 
 def remove_patches(patcher, block_type: type, override_type: type) -> None:

@@ -65,11 +65,13 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
     import logging
 
     caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
-    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device: False)
+    dit = H.pack_module("nodes.dit")
+    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: False)  # the channel form
     modern = H.host_kind() == "modern"
     images = {}
     settings = dict(ADVANCED, dst_mode="grid", warmup_mode="merge", scope=scope)  # mean merging from the first step
-    for proportional in (False, True):
+
+    def run(proportional):
         g = Graph()
         tiny = g.add("HostTestTinyModel", arch="sd15", seed=0)
         model = g.add("HostTestAttentionRecorder", "rec", model=tiny[0])[0] if modern else tiny[0]
@@ -81,7 +83,10 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
                         latent_image=empty[0], steps=4, **KSAMPLER)
         g.add("HostTestLatentStats", "out", samples=sampled[0])
         H.run_prompt(g.prompt)
-        images[proportional] = latent("out").clone()
+        return latent("out").clone()
+
+    for proportional in (False, True):
+        images[proportional] = run(proportional)
         assert (128, 128) in token_counts()  # the merged level: 256 tokens -> 128 queries / keys / values
         if not modern:
             continue
@@ -102,6 +107,14 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
         assert sizes.min() > 0.999
         torch.testing.assert_close(sizes.sum(1), torch.full((c["rows"],), 256.0))
     assert float((images[True] - images[False]).abs().max()) > 1e-5
+    # the mask form (PyTorch SDPA, GPUs): the merged self-attention keeps its head size and gets a mask; same image
+    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: True)
+    masked = run(True)
+    calls = node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]
+    merged = [c for c in calls if c["q"] == c["k"] == 128]
+    assert merged and all(c["head"] == 8 and c["mask"] for c in merged)
+    form_gap = float((masked - images[True]).abs().max())  # kernels round differently over the steps
+    assert form_gap < 1e-3 and float((masked - images[False]).abs().max()) > 10 * form_gap
 
 
 @pytest.mark.parametrize("arch,full,kept", [("sd15", 256, 128), ("sdxl", 64, 32)])

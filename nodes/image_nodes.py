@@ -221,8 +221,8 @@ class ImportanceTokenMergingAdvanced(ImportanceTokenMerging):
                 "tooltip": "0 = tokens merge into the destination whose features are most alike (ToMe). > 0: that "
                            "share of the similarity comes from how alike the two tokens' importance is, so background "
                            "tokens merge into background and detail into detail. Beyond the paper. -1 = the model "
-                           "family's value: 0.2 on UNets and image transformers, 0 on the video transformers (WAN, "
-                           "HunyuanVideo, LTX-Video).",
+                           "family's value: 0.2 on UNets and image transformers, 0.5 on PixArt, 0 on the video "
+                           "transformers (WAN, HunyuanVideo, LTX-Video).",
             }),
             "video_tokens": (list(VIDEO_TOKENS), {
                 "default": "per_frame",

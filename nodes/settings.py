@@ -53,7 +53,7 @@ class MergeSettings:
     # and image DiTs; 0 at the UNet queries site, on PixArt and on video DiTs, where plain means measured better)
     weight_power: float = AUTO
     affinity: float = AUTO  # > 0: matching also prefers destinations of similar importance (the paper: 0); AUTO: 0.2
-    # (0 on video DiTs)
+    # (0 on video DiTs, 0.5 on PixArt)
     video_tokens: str = "per_frame"  # video DiTs: tokens merge within their latent frame, or across the whole clip
     # merged keys count as many times as the tokens they stand for (ToMe's proportional attention): at the attention
     # site about +1 to +2 dB on the image and video DiT demo models, +2 to +9 dB on the UNet demo model; in UNet

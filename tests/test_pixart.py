@@ -136,15 +136,19 @@ def test_joint_and_split_calls_give_the_same_image(comfy, monkeypatch, scope):
 
 def test_auto_weighting_is_plain_means(comfy):
     """weight_power "auto" (the default) is 0 on PixArt: plain slot means, which measured more faithful there than
-    the image models' weighting (3); an explicit value is kept and does change the image."""
+    the image models' weighting (3); affinity "auto" is 0.5 there (0.2 elsewhere). Explicit values are kept and do
+    change the image."""
     images = {}
-    for name, kwargs in (("simple", dict(merge=SIMPLE)), ("plain", dict(advanced=dict(ADVANCED, weight_power=0.0))),
-                         ("weighted", dict(advanced=dict(ADVANCED, weight_power=3.0)))):
+    for name, kwargs in (("simple", dict(merge=SIMPLE)),
+                         ("plain", dict(advanced=dict(ADVANCED, weight_power=0.0, affinity=0.5))),
+                         ("weighted", dict(advanced=dict(ADVANCED, weight_power=3.0, affinity=0.5))),
+                         ("affinity", dict(advanced=dict(ADVANCED, weight_power=0.0, affinity=0.2)))):
         H.run_prompt(pixart_graph(steps=4, **kwargs).prompt)
         assert last_run().evaluations_with_map == 3
         images[name] = latent("out").clone()
     assert torch.equal(images["simple"], images["plain"])
     assert float((images["weighted"] - images["plain"]).abs().max()) > 1e-6
+    assert float((images["affinity"] - images["plain"]).abs().max()) > 1e-6
 
 
 def test_importance_decides_the_partition(comfy):

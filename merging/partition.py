@@ -16,7 +16,7 @@ Beyond the paper, :class:`ImportanceConfig` can also spread the destinations ove
 
 A partition is computed once per sample (all rows of a sample, such as its cond and uncond rows, share it) and then
 applied to any number of tensors with :meth:`Partition.merge` and :meth:`Partition.unmerge`, which are a single
-scatter / gather each. Merged sequences are ordered ``[independent tokens; destinations]``.
+index_add / index_select each. Merged sequences are ordered ``[independent tokens; destinations]``.
 """
 from __future__ import annotations
 

@@ -156,7 +156,8 @@ class MergeRuntime:
     def __init__(self, settings: MergeSettings, model=None, managed: bool = False,
                  history: Optional[list] = None, live: Optional[Callable] = None) -> None:
         self.settings = settings.with_weighting(self.weighting_for(settings))
-        self.settings = self.settings.with_cfg1_mode(self.cfg1_mode_for(self.settings))
+        if self.settings.cfg1_mode == "auto":  # resolved only when unset (a family's rule may ask the host)
+            self.settings = self.settings.with_cfg1_mode(self.cfg1_mode_for(self.settings))
         if self.settings.protect == AUTO:
             self.settings = self.settings.with_protect(self.protect_for(self.settings))
         # the model whose (possibly object-patched) model_sampling gives the active range when a run starts;

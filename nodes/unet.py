@@ -54,6 +54,11 @@ TEMPORAL_FLAG = "importance_tome_temporal"  # set in transformer_options inside 
 STACK_FLAG = "importance_tome_in_stack"  # set while a merged transformer stack runs its blocks
 
 
+def _proportional(settings: MergeSettings) -> bool:
+    """Proportional attention applies: switched on, and ComfyUI has the attention override (0.3.60 or newer)."""
+    return settings.proportional_attention and has_attention_override()
+
+
 class UNetRuntime(MergeRuntime):
     """The UNet adapter: which attention calls are merged (levels, stages) and how a level's partition is built."""
 
@@ -69,8 +74,7 @@ class UNetRuntime(MergeRuntime):
         # 0.5, fading to none at 0.7, where only 5 % of the tokens stay independent and keeping the most important
         # ones measured worse than letting similarity choose (held-out demo images, README "Quality benchmark"); not
         # measured without proportional attention (ComfyUI before 0.3.60) or at the other sites
-        proportional = settings.proportional_attention and has_attention_override()
-        if settings.scope != "attention" or not proportional:
+        if settings.scope != "attention" or not _proportional(settings):
             return 0.0
         full, none = UNET_PROTECT_UNTIL
         return round(UNET_PROTECT * min(max((none - settings.ratio) / (none - full), 0.0), 1.0), 4)
@@ -80,8 +84,7 @@ class UNetRuntime(MergeRuntime):
         # cfg 1: the change map at the attention site without proportional attention (ComfyUI before 0.3.60, or
         # switched off), where it was well ahead of random ToMe; random ToMe with proportional attention (the change
         # map level or slightly behind there) and at the other sites (held-out demo images, README "cfg = 1")
-        proportional = settings.proportional_attention and has_attention_override()
-        return "change" if settings.scope == "attention" and not proportional else cls.CFG1_MODE
+        return "change" if settings.scope == "attention" and not _proportional(settings) else cls.CFG1_MODE
 
     def partition_for(self, n: torch.Tensor, extra: dict) -> Optional[LevelMerge]:
         """The partition (and merge mode) for this block's tokens, or None to leave the block alone."""
@@ -183,7 +186,7 @@ class SelfAttnMerge:
 
     def __call__(self, n, context, value, extra):
         runtime = runtime_of(extra)
-        if runtime is None or extra.get(STACK_FLAG):  # inside a merged stack: its tokens are merged already
+        if runtime is None:
             return n, context, value
         plan = runtime.partition_for(n, extra)
         run = runtime.run
@@ -216,7 +219,7 @@ class SelfAttnUnmerge:
 
     def __call__(self, n, extra):
         runtime = runtime_of(extra)
-        plan = runtime.run.block if runtime is not None and not extra.get(STACK_FLAG) else None
+        plan = runtime.run.block if runtime is not None else None
         if plan is None:
             return n
         runtime.run.site_marker = None
@@ -228,18 +231,18 @@ class SelfAttnUnmerge:
 
 
 class SelfAttentionBias(ChainedOverride):
-    """``optimized_attention_override`` (current ComfyUI): proportional attention at the attention site. The
-    self-attention call that :class:`SelfAttnMerge` shortened (its keys are the merged slots) gets the log of each
-    slot's token count added to its logits, as ToMe does, so a merged region keeps its share of attention; every other
-    attention call (cross-attention, unmerged levels, other models) runs as it is. An override set before this node is
-    kept and called."""
+    """``optimized_attention_override`` (current ComfyUI): proportional attention. The self-attention call on merged
+    keys, the one that :class:`SelfAttnMerge` shortened or a block's first in a merged stack (marked with its plan in
+    ``run.site_marker``), gets the log of each slot's token count added to its logits, as ToMe does, so a merged
+    region keeps its share of attention; every other attention call (cross-attention, unmerged levels, other models)
+    runs as it is. An override set before this node is kept and called."""
 
     def __call__(self, func, *args, **kwargs):
         extra = kwargs.get("transformer_options")
         runtime = runtime_of(extra) if isinstance(extra, dict) else None
         run = runtime.run if isinstance(runtime, UNetRuntime) else None
-        plan = run.block if run is not None else None
-        if plan is None or run.site_marker is not plan or len(args) < 4:
+        plan = run.site_marker if run is not None else None
+        if plan is None or len(args) < 4:
             return self._call(func, args, kwargs)
         run.site_marker = None  # only the first attention call after the merge: the block's self-attention
         q, k, v = args[:3]
@@ -255,7 +258,7 @@ class CrossAttnMerge:
 
     def __call__(self, n, context, value, extra):
         runtime = runtime_of(extra)
-        plan = runtime.run.block if runtime is not None and not extra.get(STACK_FLAG) else None
+        plan = runtime.run.block if runtime is not None else None
         if plan is None or n.shape[1] != plan.partition.sizes.num_tokens:
             return n, context, value
         return plan.partition.merge(n, plan.mode), context, value
@@ -300,7 +303,6 @@ def merged_stack_class():
                 # the merged input and cancel every update in ``x - merged_in`` below
                 merged_in = x.clone()
                 transformer_options[STACK_FLAG] = True
-                run.block = plan
             try:
                 for index, block in enumerate(self.transformer_blocks):
                     transformer_options["block_index"] = index
@@ -310,7 +312,7 @@ def merged_stack_class():
             finally:
                 transformer_options.pop(STACK_FLAG, None)
                 if run is not None:
-                    run.block = run.site_marker = None
+                    run.site_marker = None
             if plan is not None:
                 x = full + plan.partition.unmerge(x - merged_in)
             if self.use_linear:

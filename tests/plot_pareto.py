@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 
 
@@ -71,8 +72,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quality", required=True, nargs="+", help="bench_quality csv file(s), same seeds")
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default="")
+    parser.add_argument("--exclude", default="",
+                        help="regular expression: quality rows whose label matches are left out (e.g. settings that "
+                             "are not the defaults of the host drawn)")
     args = parser.parse_args(argv)
-    pts = points(read_csv(args.speed), [row for path in args.quality for row in read_csv(path)], args.model)
+    rows = [row for path in args.quality for row in read_csv(path)]
+    if args.exclude:
+        rows = [row for row in rows if not re.search(args.exclude, row["label"])]
+    pts = points(read_csv(args.speed), rows, args.model)
     if not pts:
         print("no setting has both a speed and a quality figure", file=sys.stderr)  # noqa: T201
         return 1

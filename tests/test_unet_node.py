@@ -136,6 +136,20 @@ def test_merged_run_differs_from_unmerged_and_stays_close(comfy, arch, full, kep
     assert set(run.tokens.values()) == {(full, kept)} and run.fallbacks == []
 
 
+@pytest.mark.parametrize("sampler,steps,evaluations,sigmas", [("uni_pc", 6, 6, 6), ("uni_pc_bh2", 5, 5, 5),
+                                                               ("dpmpp_2m", 6, 6, 6), ("heun", 3, 5, 3)])
+def test_multistep_and_second_order_samplers_get_a_map_every_evaluation(comfy, sampler, steps, evaluations, sigmas):
+    """The CFG map is captured on every model evaluation whatever the sampler calls the model for (uni_pc's
+    corrector, heun's second evaluation), so importance is never silently plain ToMe after the first evaluation. The
+    2024 host tells evaluations apart by sigma only, so heun's second evaluation at the next step's sigma and that
+    step's own evaluation share one partition there (3 distinct sigmas for heun's 5 evaluations)."""
+    H.run_prompt(sample_graph(steps=steps, sampler_name=sampler).prompt)
+    run = summaries("probe")[-1]
+    assert run.maps_captured == evaluations and run.fallbacks == []
+    told_apart = evaluations if H.host_kind() == "modern" else sigmas
+    assert run.evaluations_with_map == told_apart - 1 and run.evaluations_without_map == 1
+
+
 def test_random_importance_is_plain_tome(comfy):
     H.run_prompt(sample_graph(merge=dict(SIMPLE, importance="random")).prompt)
     run = summaries("probe")[-1]

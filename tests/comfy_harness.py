@@ -800,6 +800,12 @@ def pack_module(submodule: str = ""):
     return importlib.import_module(f"{base}.{submodule}" if submodule else base)
 
 
+def pin_bias_form(monkeypatch, as_mask: bool) -> None:
+    """Pin proportional attention's key-bias form for a test, whatever the device and kernel: an additive mask
+    (``True``, as on GPUs and with PyTorch SDPA) or one more channel per head (``False``, the CPU's other kernels)."""
+    monkeypatch.setattr(pack_module("nodes.dit"), "_bias_as_mask", lambda device, func=None: as_mask)
+
+
 def host_kind() -> str:
     """'modern' (current ComfyUI, with wrappers and V3 API) or 'old' (the pinned 2024 host)."""
     return _need_boot()

@@ -393,7 +393,7 @@ def test_proportional_attention_weighs_each_slot_by_its_tokens(comfy, monkeypatc
     logits of each merged image key (0 for text keys; the queries' channel is 1), so the image part of every joint
     attention still weighs all 24 image tokens; the image changes, and stays close to the unmerged one. (The channel
     form, which the CPU uses, is pinned so that the test reads the same on a GPU.)"""
-    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device, func=None: False)
+    H.pin_bias_form(monkeypatch, False)
     H.run_prompt(dit_graph(merge=None, family=family)[0].prompt)
     reference = latent("out").clone()
     head = {c["head"] for c in calls()}
@@ -458,7 +458,7 @@ def test_nextdit_merges_the_main_layers_joint_attention(comfy, family, caplog):
 def test_nextdit_joint_and_split_calls_and_proportional_bias(comfy, monkeypatch, family):
     """One partition per step and sample (joint == split calls), and the proportional-attention channel weighs the
     merged image keys only (text and pad keys get 0; the channel form pinned, as on the CPU)."""
-    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device, func=None: False)
+    H.pin_bias_form(monkeypatch, False)
     text, pad = LUMINA_LAYOUT[family]
     H.run_prompt(dit_graph(merge=SIMPLE, batch=2, family=family)[0].prompt)
     joint = latent("out").clone()
@@ -499,11 +499,10 @@ def test_proportional_attention_as_a_mask_gives_the_same_image(comfy, monkeypatc
     """On GPUs the key bias goes to the attention kernel as an additive mask (combined with Qwen-Image's positional
     text mask) instead of an extra channel per head: forced here on the CPU, the image is the same, and the kernel
     gets its usual head size and a mask."""
-    dit = H.pack_module("nodes.dit")
     H.run_prompt(dit_graph(merge=SIMPLE, family=family)[0].prompt)
     channel = latent("out").clone()
     head = {c["head"] for c in main_calls(family)}
-    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: True)
+    H.pin_bias_form(monkeypatch, True)
     H.run_prompt(dit_graph(merge=SIMPLE, family=family)[0].prompt)
     assert {c["head"] for c in main_calls(family)} == {h - 1 for h in head}
     assert all(c["mask"] for c in main_calls(family))
@@ -535,7 +534,7 @@ def test_kernels_without_masks_skip_the_bias_with_a_note(comfy, monkeypatch):
     here on the CPU with kernels named like ComfyUI's; a kernel that takes masks gets the bias."""
     dit, merging = H.pack_module("nodes.dit"), H.pack_module("merging")
     runtime_mod, settings = H.pack_module("nodes.runtime"), H.pack_module("nodes.settings")
-    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: True)
+    H.pin_bias_form(monkeypatch, True)
     grid = merging.TokenGrid(4, 6)
     g = torch.Generator().manual_seed(0)
     part = merging.make_partition(torch.randn(1, 24, 8, generator=g), merging.RandomGridConfig(0.5), grid=grid,

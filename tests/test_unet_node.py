@@ -65,8 +65,7 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
     import logging
 
     caplog.set_level(logging.INFO, logger="comfyui_importance_tome")
-    dit = H.pack_module("nodes.dit")
-    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: False)  # the channel form
+    H.pin_bias_form(monkeypatch, False)  # the channel form
     modern = H.host_kind() == "modern"
     images = {}
     settings = dict(ADVANCED, dst_mode="grid", warmup_mode="merge", scope=scope)  # mean merging from the first step
@@ -108,7 +107,7 @@ def test_proportional_attention_weighs_each_merged_key_by_its_tokens(comfy, monk
         torch.testing.assert_close(sizes.sum(1), torch.full((c["rows"],), 256.0))
     assert float((images[True] - images[False]).abs().max()) > 1e-5
     # the mask form (PyTorch SDPA, GPUs): the merged self-attention keeps its head size and gets a mask; same image
-    monkeypatch.setattr(dit, "_bias_as_mask", lambda device, func=None: True)
+    H.pin_bias_form(monkeypatch, True)
     masked = run(True)
     calls = node_classes()["HostTestAttentionRecorder"].RECORDS["rec"]
     merged = [c for c in calls if c["q"] == c["k"] == 128]

@@ -357,7 +357,7 @@ def test_proportional_attention_on_wan_self_attention(comfy, monkeypatch):
     on the keys (each frame's 6 slots stand for its 12 tokens; the channel form pinned, as on the CPU);
     cross-attention keeps its width; switching it off on the Advanced node gives plain merged attention and another
     image."""
-    monkeypatch.setattr(H.pack_module("nodes.dit"), "_bias_as_mask", lambda device, func=None: False)
+    H.pin_bias_form(monkeypatch, False)
     H.run_prompt(wan_graph().prompt)
     default = latent("out").clone()
     heads = {c["head"] for c in calls() if c["q"] != c["k"]}

@@ -30,6 +30,8 @@ WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_unet.safet
 VIDEO_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_wan.safetensors")
 DIT_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_qwen.safetensors")
 PIXART_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_pixart.safetensors")
+LTXV_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_ltxv.safetensors")
+HUNYUAN_WEIGHTS = os.path.join(PACK_ROOT, "workflows", "demo_model", "fashion_hunyuan.safetensors")
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 NULL_CLASS = len(CLASSES)
 CONTEXT_DIM = 64
@@ -47,6 +49,26 @@ DEMO_WAN = {
     "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 512, "in_dim": 16,
     "dim": 128, "ffn_dim": 384, "freq_dim": 256, "text_dim": CONTEXT_DIM, "out_dim": 16, "num_heads": 4,
     "num_layers": 4, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+}
+# the LTX-Video-architecture video demo model: ComfyUI's LTXV class (patch size 1, text by cross-attention, RoPE over
+# fractional (time, y, x) positions, per-token modulation) with 4 blocks of width 128; its 128-channel latent holds
+# the grayscale frame in every channel (LTX-Video's latent format does not rescale), so a 512x512, 25-frame
+# EmptyLTXVLatentVideo is 4 latent frames of 16x16 = 256 tokens each, like the WAN demo's
+DEMO_LTXV = {
+    "image_model": "ltxv", "in_channels": 128, "num_attention_heads": 4, "attention_head_dim": 32,
+    "cross_attention_dim": 128, "caption_channels": CONTEXT_DIM, "num_layers": 4,
+}
+# the HunyuanVideo-architecture video demo model: ComfyUI's HunyuanVideo class (Flux-style double- and single-stream
+# blocks over [image, text] with 3-D RoPE, a token refiner on the text, patch 1x2x2) with 2 + 2 blocks of width 128;
+# plain CFG instead of HunyuanVideo's guidance embedding (the demo is trained with the class dropped); its 16-channel
+# latent holds the grayscale frame / HunyuanVideo's latent scale, so a 256x256, 13-frame EmptyHunyuanLatentVideo is
+# 4 latent frames of 16x16 tokens, like the WAN demo's
+DEMO_HUNYUAN = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": CONTEXT_DIM,
+    "context_in_dim": CONTEXT_DIM, "hidden_size": 128, "mlp_ratio": 3.0, "num_heads": 4, "depth": 2,
+    "depth_single_blocks": 2, "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True,
+    "guidance_embed": False, "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+    "vision_in_dim": None, "meanflow_sum": False,
 }
 # the image DiT demo model: ComfyUI's Qwen-Image class (joint attention over text + image tokens after RoPE, like
 # Flux's, whose blocks cannot be trained through ComfyUI's code: they add in place) with 6 blocks of width 128; a
@@ -89,10 +111,12 @@ def class_index(text: str) -> Optional[int]:
 
 
 class DemoTextEncoder:
-    """CLIP stand-in: prompt → the learned embedding of the class it names, [1, 1, CONTEXT_DIM]."""
+    """CLIP stand-in: prompt → the learned embedding of the class it names, [1, 1, CONTEXT_DIM]; ``token_mask``: the
+    conditioning also carries the text encoder's token mask (LTX-Video's model requires one; the token is real)."""
 
-    def __init__(self, table: torch.Tensor) -> None:
+    def __init__(self, table: torch.Tensor, token_mask: bool = False) -> None:
         self.table = table.float()
+        self.token_mask = token_mask
 
     def tokenize(self, text, **_):
         return text
@@ -102,18 +126,24 @@ class DemoTextEncoder:
         row = self.table[NULL_CLASS if index is None else index]
         return row.reshape(1, 1, -1).clone(), row.reshape(1, -1).clone()
 
+    def _extra(self, pooled: torch.Tensor) -> dict:
+        extra = {"pooled_output": pooled}
+        if self.token_mask:
+            extra["attention_mask"] = torch.ones(1, 1, dtype=torch.long)
+        return extra
+
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         cond, pooled = self._embed(tokens)
         if return_dict:
-            return {"cond": cond, "pooled_output": pooled}
+            return {"cond": cond, **self._extra(pooled)}
         return (cond, pooled) if return_pooled else cond
 
     def encode_from_tokens_scheduled(self, tokens, **_):
         cond, pooled = self._embed(tokens)
-        return [[cond, {"pooled_output": pooled}]]
+        return [[cond, self._extra(pooled)]]
 
     def clone(self):
-        return DemoTextEncoder(self.table)
+        return DemoTextEncoder(self.table, self.token_mask)
 
 
 class DemoImageCodec:
@@ -162,21 +192,23 @@ class DemoVideoCodec:
     latent_channels = 16
     latent_dim = 3
     output_channels = 3
+    frames_per_latent = 4
 
     def spacial_compression_decode(self):
-        return 8
+        return self.upscale_ratio
 
     def spacial_compression_encode(self):
-        return 8
+        return self.downscale_ratio
 
     def temporal_compression_decode(self):
-        return 4
+        return self.frames_per_latent
 
     def temporal_compression_encode(self):
-        return 4
+        return self.frames_per_latent
 
-    @staticmethod
-    def _stats(device):
+    @classmethod
+    def _stats(cls, device):
+        """(mean, std) per channel, [1, C, 1, 1, 1]: the latent stores ``mean + std * gray``."""
         import comfy.latent_formats  # noqa: PLC0415 (host module)
 
         fmt = comfy.latent_formats.Wan21()
@@ -184,27 +216,58 @@ class DemoVideoCodec:
                 fmt.latents_std.to(device).view(1, 16, 1, 1, 1).float())
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        if samples.ndim != 5 or samples.shape[1] != 16:
-            raise ValueError(f"the video demo model decodes [B, 16, T, H, W] latents, got {tuple(samples.shape)}")
+        c, t = self.latent_channels, self.frames_per_latent
+        if samples.ndim != 5 or samples.shape[1] != c:
+            raise ValueError(f"the video demo model decodes [B, {c}, T, H, W] latents, got {tuple(samples.shape)}")
         mean, std = self._stats(samples.device)
         gray = (((samples.float() - mean) / std).mean(dim=1) + 1.0) / 2.0  # [B, T, H, W]
         frames = [gray[:, :1]]
         for k in range(1, gray.shape[1]):
-            weights = torch.arange(1, 5, dtype=gray.dtype, device=gray.device).view(1, 4, 1, 1) / 4
+            weights = torch.arange(1, t + 1, dtype=gray.dtype, device=gray.device).view(1, t, 1, 1) / t
             frames.append(gray[:, k - 1:k] * (1 - weights) + gray[:, k:k + 1] * weights)
         video = torch.cat(frames, dim=1).clamp(0, 1).cpu()
-        up = F.interpolate(video, scale_factor=8, mode="bilinear", align_corners=False).clamp(0, 1)
+        up = F.interpolate(video, scale_factor=self.upscale_ratio, mode="bilinear", align_corners=False).clamp(0, 1)
         return up[..., None].expand(-1, -1, -1, -1, 3).contiguous()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.ndim == 5:  # [B, F, H, W, C]: one clip per batch entry
             return torch.cat([self.encode(clip) for clip in pixels])
-        if pixels.shape[1] % 8 or pixels.shape[2] % 8:
-            raise ValueError(f"the demo model's frames must be multiples of 8 pixels, got {tuple(pixels.shape[1:3])}")
-        frames = pixels[0::4, ..., :3].float().mean(dim=-1)[None]  # [1, T, H, W]: frames 0, 4, 8, ...
-        gray = F.avg_pool2d(frames, 8) * 2.0 - 1.0
+        r = self.downscale_ratio
+        if pixels.shape[1] % r or pixels.shape[2] % r:
+            raise ValueError(f"the demo model's frames must be multiples of {r} pixels, got {tuple(pixels.shape[1:3])}")
+        frames = pixels[0::self.frames_per_latent, ..., :3].float().mean(dim=-1)[None]  # [1, T, H, W]: 0, t, 2t, ...
+        gray = F.avg_pool2d(frames, r) * 2.0 - 1.0
         mean, std = self._stats(gray.device)
         return (mean + std * gray[:, None]).contiguous()
+
+
+class DemoLTXVCodec(DemoVideoCodec):
+    """Video VAE stand-in for the LTX-Video demo model, with LTX-Video's layout: [B, 128, T, H, W] latents <-> 1 +
+    8 (T - 1) frames of 32x the size; LTX-Video's latent format does not rescale, so every channel holds the grayscale
+    frame in [-1, 1] as it is."""
+
+    downscale_ratio = 32
+    upscale_ratio = 32
+    latent_channels = 128
+    frames_per_latent = 8
+
+    @classmethod
+    def _stats(cls, device):
+        return (torch.zeros(1, cls.latent_channels, 1, 1, 1, device=device),
+                torch.ones(1, cls.latent_channels, 1, 1, 1, device=device))
+
+
+class DemoHunyuanCodec(DemoVideoCodec):
+    """Video VAE stand-in for the HunyuanVideo demo model: WAN's layout (HunyuanVideo's VAE also compresses 8x in
+    space and 4x in time, 16 channels); HunyuanVideo's latent format multiplies by its scale on the way in, so the
+    latent stores ``gray / scale`` in every channel."""
+
+    @classmethod
+    def _stats(cls, device):
+        import comfy.latent_formats  # noqa: PLC0415 (host module)
+
+        scale = float(comfy.latent_formats.HunyuanVideo.scale_factor)
+        return (torch.zeros(1, 16, 1, 1, 1, device=device), torch.full((1, 16, 1, 1, 1), 1.0 / scale, device=device))
 
 
 def read_weights(path: str = WEIGHTS):
@@ -281,6 +344,24 @@ def build_wan_patcher(state: Optional[dict] = None, load_device=None):
     return _patcher(config, state, load_device)
 
 
+def build_ltxv_patcher(state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the LTX-Video demo architecture (LTXV class, :data:`DEMO_LTXV`)."""
+    import comfy.supported_models  # noqa: PLC0415 (host module)
+
+    if not hasattr(comfy.supported_models, "LTXV"):
+        raise RuntimeError("the LTX-Video demo model needs a ComfyUI with LTX-Video models (0.3.10 or later)")
+    return _patcher(comfy.supported_models.LTXV(dict(DEMO_LTXV)), state, load_device)
+
+
+def build_hunyuan_patcher(state: Optional[dict] = None, load_device=None):
+    """A ComfyUI ModelPatcher for the HunyuanVideo demo architecture (HunyuanVideo class, :data:`DEMO_HUNYUAN`)."""
+    import comfy.supported_models  # noqa: PLC0415 (host module)
+
+    if not hasattr(comfy.supported_models, "HunyuanVideo"):
+        raise RuntimeError("the HunyuanVideo demo model needs a ComfyUI with HunyuanVideo models (0.3.10 or later)")
+    return _patcher(comfy.supported_models.HunyuanVideo(dict(DEMO_HUNYUAN)), state, load_device)
+
+
 def build_qwen_patcher(state: Optional[dict] = None, load_device=None):
     """A ComfyUI ModelPatcher for the image DiT demo architecture (Qwen-Image class, :data:`DEMO_QWEN`)."""
     import comfy.supported_models  # noqa: PLC0415 (host module)
@@ -320,6 +401,18 @@ def load_demo_video_model(path: str = VIDEO_WEIGHTS):
     """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled video demo model (current ComfyUI only)."""
     net, table, metadata = read_weights(path)
     return build_wan_patcher(net), DemoTextEncoder(table), DemoVideoCodec(), metadata
+
+
+def load_demo_ltxv_model(path: str = LTXV_WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled LTX-Video demo model (current ComfyUI only)."""
+    net, table, metadata = read_weights(path)
+    return build_ltxv_patcher(net), DemoTextEncoder(table, token_mask=True), DemoLTXVCodec(), metadata
+
+
+def load_demo_hunyuan_model(path: str = HUNYUAN_WEIGHTS):
+    """(MODEL, CLIP stand-in, VAE stand-in, metadata) of the bundled HunyuanVideo demo model (current ComfyUI only)."""
+    net, table, metadata = read_weights(path)
+    return build_hunyuan_patcher(net), DemoTextEncoder(table), DemoHunyuanCodec(), metadata
 
 
 def load_demo_dit_model(path: str = DIT_WEIGHTS):
@@ -396,6 +489,50 @@ class DemoVideoModelLoader(_DemoLoader):
     )
     WHAT = "video demo model"
     _load = staticmethod(load_demo_video_model)
+
+
+class DemoLTXVModelLoader(_DemoLoader):
+    """Loads the bundled moving-Fashion-MNIST video model on LTX-Video's architecture, so the pack's LTX-Video support
+    can be tried without downloading a checkpoint."""
+
+    DESCRIPTION = (
+        "Loads the small class-conditional video model that ships with this pack on ComfyUI's own LTX-Video model "
+        "class (4 blocks of width 128, patch size 1, ~1.3M parameters), trained by the pack on moving Fashion-MNIST "
+        "(a garment sliding over a dark background). Prompts name a class (T-shirt/top, trouser, pullover, dress, "
+        "coat, sandal, shirt, sneaker, bag, ankle boot); leave the negative prompt empty. Use EmptyLTXVLatentVideo at "
+        "512x512 with 25 frames (4 latent frames of 16x16 tokens), cfg about 3-5. Needs a ComfyUI with LTX-Video "
+        "models.")
+    OUTPUT_TOOLTIPS = (
+        "The LTX-Video demo model (LTXV class, flow matching, a small LTXVModel).",
+        "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding (with a token mask, "
+        "as LTX-Video's model needs).",
+        "Decoder/encoder between the 128-channel LTX-Video-layout latent and 512x512 grayscale frames (1 + 8 per "
+        "latent frame after the first).",
+    )
+    WHAT = "LTX-Video demo model"
+    _load = staticmethod(load_demo_ltxv_model)
+
+
+class DemoHunyuanModelLoader(_DemoLoader):
+    """Loads the bundled moving-Fashion-MNIST video model on HunyuanVideo's architecture, so the pack's HunyuanVideo
+    support can be tried without downloading a checkpoint."""
+
+    DESCRIPTION = (
+        "Loads the small class-conditional video model that ships with this pack on ComfyUI's own HunyuanVideo model "
+        "class (2 double- and 2 single-stream blocks of width 128, ~2.2M parameters; plain CFG instead of "
+        "HunyuanVideo's guidance embedding), trained by the pack on moving Fashion-MNIST (a garment sliding over a "
+        "dark background). Prompts name a class (T-shirt/top, trouser, pullover, dress, coat, sandal, shirt, sneaker, "
+        "bag, ankle boot); leave the negative prompt empty. Use EmptyHunyuanLatentVideo at 256x256 with 13 frames (4 "
+        "latent frames of 16x16 tokens), cfg about 3-5. Needs a ComfyUI with HunyuanVideo models.")
+    OUTPUT_TOOLTIPS = (
+        "The HunyuanVideo demo model (HunyuanVideo class, flow matching, a small HunyuanVideo transformer).",
+        "Text encoder that maps a prompt naming a Fashion-MNIST class to that class's embedding (also its pooled "
+        "vector).",
+        "Decoder/encoder between the 16-channel HunyuanVideo-layout latent and 256x256 grayscale frames (1 + 4 per "
+        "latent frame after the first).",
+    )
+    WHAT = "HunyuanVideo demo model"
+    _load = staticmethod(load_demo_hunyuan_model)
 
 
 class DemoDiTModelLoader(_DemoLoader):

@@ -1,13 +1,17 @@
-"""Video quality benchmark: importance merging vs random ToMe on the bundled WAN-architecture video demo model.
+"""Video quality benchmark: importance merging vs random ToMe on the bundled video demo models (WAN, LTX-Video,
+HunyuanVideo).
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python tests/bench_video_quality.py \
-        [--samples 64] [--ratios 0.5] [--methods none,itm-random,itm-cfg] [--steps 20] [--cfg 4] [--sampler euler]
+        [--model wan|ltxv|hunyuan] [--samples 64] [--ratios 0.5] [--methods none,itm-random,itm-cfg] [--steps 20] \
+        [--cfg 4] [--sampler euler]
 
 Model: the pack's moving-Fashion-MNIST video model (ComfyUI's WAN 2.1 t2v class, a 4-block WanModel; 4 latent
-frames of 16×16 tokens; ``workflows/demo_model/train_video.py``), loaded by the pack's own loader; current ComfyUI
-only. Clip i asks for class i mod 10 from noise seed offset+i; every method samples the same clips with ComfyUI's own
-sampler (comfy.sample.sample); cond and uncond of a step in one model call (``--regime joint``, as
-:mod:`bench_quality`). Methods as in bench_quality (``itm-cfg:scope=transformer``, ``itm-cfg:cfg1_mode=change``).
+frames of 16×16 tokens; ``workflows/demo_model/train_video.py``), or with ``--model ltxv`` its LTX-Video twin
+(ComfyUI's LTXV class, 4 blocks, patch size 1: 4 latent frames of 16×16 latent pixels = tokens) or with ``--model
+hunyuan`` its HunyuanVideo twin (2 double- + 2 single-stream blocks, 4 latent frames of 16×16 tokens), loaded by the
+pack's own loaders; current ComfyUI only. Clip i asks for class i mod 10 from noise seed offset+i; every method
+samples the same clips with ComfyUI's own sampler (comfy.sample.sample); cond and uncond of a step in one model call
+(``--regime joint``, as :mod:`bench_quality`). Methods as in bench_quality (``itm-cfg:scope=transformer``, ``itm-cfg:cfg1_mode=change``).
 
 Metrics against the unmerged clip of the same seed, on the 4 latent frames in model space (gray, [0, 1]):
 PSNR over the whole clip and SSIM averaged over frames (mean, 95% interval); frame-to-frame consistency tPSNR = PSNR
@@ -32,33 +36,43 @@ import comfy_harness as H  # noqa: E402
 from bench_quality import force_regime, label, parse_method, patched_model, write_csv  # noqa: E402
 
 
-def boot_video_demo(weights=None):
+def boot_video_demo(weights=None, family="wan"):
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
     info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
     if H.host_kind() != "modern":
-        raise SystemExit("the video demo model needs a current ComfyUI (WAN): set COMFYUI_PATH")
+        raise SystemExit("the video demo models need a current ComfyUI (WAN, LTX-Video): set COMFYUI_PATH")
     import torch
 
     torch.set_grad_enabled(False)
     demo = H.pack_module("nodes.demo_model")
-    model, clip, vae, metadata = demo.load_demo_video_model(*(weights,) if weights else ())
+    load = {"wan": demo.load_demo_video_model, "ltxv": demo.load_demo_ltxv_model,
+            "hunyuan": demo.load_demo_hunyuan_model}[family]
+    model, clip, vae, metadata = load(*(weights,) if weights else ())
     return info, demo, model, clip.table, vae, metadata
 
 
 def generate(model, table, vae, classes, seeds, args):
-    """Clips [N, T, 32, 32] in [0, 1] (latent frames in model space) for the given classes and noise seeds."""
+    """Clips [N, T, S, S] in [0, 1] (latent frames in model space; S = 32 for the WAN and HunyuanVideo demos, 16 for
+    the LTX-Video one) for the given classes and noise seeds."""
     import comfy.sample
     import torch
 
     out = []
     null = table[-1][None, None, :]
     mean, std = vae._stats(torch.device("cpu"))
+    size = 16 if args.model == "ltxv" else 32  # latent frames: 32x32 with 2x2 patches, 16x16 with LTX-Video's 1x1
+    # LTX-Video's model requires the text encoder's token mask (the class token is real)
+    extra = {"attention_mask": torch.ones(1, 1, dtype=torch.long)} if args.model == "ltxv" else {}
     for start in range(0, len(classes), args.chunk):
         cls = classes[start:start + args.chunk]
-        noise = torch.stack([torch.randn(16, args.frames, 32, 32, generator=torch.Generator().manual_seed(int(s)))
+        noise = torch.stack([torch.randn(vae.latent_channels, args.frames, size, size,
+                                         generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds[start:start + args.chunk]])
-        positive = [[table[cls][:, None, :].clone(), {}]]
-        negative = [[null.expand(len(cls), -1, -1).clone(), {}]]
+        positive = [[table[cls][:, None, :].clone(), dict(extra)]]
+        negative = [[null.expand(len(cls), -1, -1).clone(), dict(extra)]]
+        if args.model == "hunyuan":  # the class embedding is also HunyuanVideo's pooled vector
+            positive[0][1]["pooled_output"] = positive[0][0][:, 0].clone()
+            negative[0][1]["pooled_output"] = negative[0][0][:, 0].clone()
         samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
                                       negative, torch.zeros_like(noise), denoise=1.0, disable_pbar=True,
                                       seed=int(seeds[start]))
@@ -91,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--regime", choices=("joint", "split", "auto"), default="joint")
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--picture-columns", type=int, default=10)
+    parser.add_argument("--model", choices=("wan", "ltxv", "hunyuan"), default="wan",
+                        help="which video demo model: WAN, LTX-Video or HunyuanVideo architecture")
     parser.add_argument("--weights", help="another video demo checkpoint (default: the bundled one)")
     parser.add_argument("--out", default=os.path.join(REPO, "output", "bench_video"))
     args = parser.parse_args(argv)
@@ -99,7 +115,7 @@ def main(argv=None) -> int:
         methods.insert(0, ("none", {}))
     ratios = [float(r) for r in args.ratios.split(",")]
 
-    info, demo, model, table, vae, metadata = boot_video_demo(args.weights)
+    info, demo, model, table, vae, metadata = boot_video_demo(args.weights, args.model)
     import torch
     from quality import metrics
 
@@ -173,7 +189,7 @@ def write_report(args, info, metadata, command, results, comparisons, pictures) 
         write_csv(stem + "_paired.csv", comparisons)
     training = json.loads(metadata.get("training", "{}"))
     lines = [f"# Video quality: {info['host']}", "", f"`{command}`", "",
-             f"Model: video demo model ({training.get('steps', '?')} training steps); {args.samples} clips, "
+             f"Model: {args.model} video demo model ({training.get('steps', '?')} training steps); {args.samples} clips, "
              f"{args.frames} latent frames, {args.sampler}/{args.scheduler}, {args.steps} steps, cfg {args.cfg}, "
              f"seeds {args.seed_offset}..{args.seed_offset + args.samples - 1}, regime {args.regime}.", "",
              "| setting | s | PSNR dB | SSIM | tPSNR dB |", "|---|---|---|---|---|"]

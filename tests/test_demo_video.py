@@ -86,3 +86,84 @@ def test_video_codec_layout_and_round_trip(comfy):
     assert float((((back - mean) / std) - gray).abs().mean()) < 0.02
     with pytest.raises(ValueError, match="16, T, H, W"):
         codec.decode(torch.zeros(1, 4, 32, 32))
+
+
+
+# the other video demo models: loader, empty latent (node, inputs), codec class, latent frames [T, S, S],
+# (frames, pixels) of a decoded clip
+FAMILIES = {
+    "ltxv": ("ITM_DemoLTXVModelLoader", ("EmptyLTXVLatentVideo", dict(width=512, height=512, length=25)),
+             "DemoLTXVCodec", (4, 16, 16), (25, 512)),
+    "hunyuan": ("ITM_DemoHunyuanModelLoader", ("EmptyHunyuanLatentVideo", dict(width=256, height=256, length=13)),
+                "DemoHunyuanCodec", (4, 32, 32), (13, 256)),
+}
+
+
+def generate_family(family, prompt_text, merge=None, batch=2, steps=12, seed=5):
+    """(decoded frames [B * F, P, P, 3], latent frames as gray [B, T, S, S] in [0, 1]) from one of the other video
+    demo models (LTX-Video, HunyuanVideo architecture), loaded by its node."""
+    loader_type, (empty_type, empty_inputs), codec, _, _ = FAMILIES[family]
+    g = Graph()
+    loader = g.add(loader_type)
+    model = loader[0]
+    if merge is not None:
+        model = g.add("ITM_ImportanceTokenMerging", model=model, **merge)[0]
+    pos = g.add("CLIPTextEncode", text=prompt_text, clip=loader[1])
+    neg = g.add("CLIPTextEncode", text="", clip=loader[1])
+    empty = g.add(empty_type, batch_size=batch, **empty_inputs)
+    sampled = g.add("KSampler", model=model, positive=pos[0], negative=neg[0], latent_image=empty[0], seed=seed,
+                    steps=steps, cfg=4.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    g.add("HostTestLatentStats", "out", samples=sampled[0])
+    decoded = g.add("VAEDecode", samples=sampled[0], vae=loader[2])
+    g.add("HostTestImageStats", "frames", images=decoded[0])
+    H.run_prompt(g.prompt)
+    latent = _nodes()["HostTestLatentStats"].LAST["out"].clone()
+    mean, std = getattr(H.pack_module("nodes.demo_model"), codec)._stats(torch.device("cpu"))
+    gray = (((latent - mean) / std).mean(dim=1) + 1) / 2
+    return _nodes()["HostTestImageStats"].LAST["frames"].clone(), gray.clamp(0, 1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_video_demos_sample_decode_and_merging_follows_the_unmerged_clip(comfy, classifier, family):
+    """The LTX-Video and HunyuanVideo demo loaders' models sample 4 latent frames through ComfyUI's own model classes
+    and their codecs decode the clip; sneakers are recognised in most frames of the unmerged clip; with the node's
+    defaults (half of every frame's tokens merged in self-attention) the clip stays close to the unmerged one, and
+    farther than with a tiny ratio."""
+    _, _, _, latent_frames, (frame_count, pixels) = FAMILIES[family]
+    frames, gray = generate_family(family, "sneaker")
+    assert frames.shape == (2 * frame_count, pixels, pixels, 3) and torch.isfinite(frames).all()
+    assert gray.shape == (2, *latent_frames)
+    big = torch.nn.functional.interpolate(gray.flatten(0, 1)[:, None], size=(32, 32), mode="bilinear")[:, 0]
+    with torch.no_grad():
+        predicted = classifier(garment_crops(big)).argmax(1)
+    assert float((predicted == CLASSES["sneaker"]).float().mean()) >= 0.6
+    _, merged = generate_family(family, "sneaker", WAN_DEFAULT)
+    _, slight = generate_family(family, "sneaker", dict(WAN_DEFAULT, ratio=0.05))
+    error, small_error = float((merged - gray).abs().mean()), float((slight - gray).abs().mean())
+    assert 0 < small_error < error < 0.15, (small_error, error)
+
+def test_ltxv_and_hunyuan_codecs_layout_and_round_trip(comfy):
+    demo = H.pack_module("nodes.demo_model")
+    hunyuan = demo.DemoHunyuanCodec()
+    mean, std = hunyuan._stats(torch.device("cpu"))
+    import comfy.latent_formats
+
+    gray = torch.rand(1, 1, 2, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latent = mean + std * gray.expand(-1, 16, -1, -1, -1)  # what HunyuanVideo's latent format reads as ``gray``
+    assert torch.allclose(comfy.latent_formats.HunyuanVideo().process_in(latent), gray.expand(-1, 16, -1, -1, -1),
+                          atol=1e-5)
+    assert hunyuan.decode(latent).shape == (1, 5, 256, 256, 3)
+    codec = demo.DemoLTXVCodec()
+    assert (codec.latent_channels, codec.spacial_compression_decode(), codec.temporal_compression_decode()) == \
+        (128, 32, 8)
+    coarse = torch.rand(1, 1, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gray = torch.nn.functional.interpolate(coarse, size=(3, 16, 16), mode="trilinear")
+    latent = gray.expand(-1, 128, -1, -1, -1)
+    assert torch.equal(comfy.latent_formats.LTXV().process_in(latent), latent)  # model space is the latent itself
+    video = codec.decode(latent)
+    assert video.shape == (1, 1 + 8 * 2, 512, 512, 3)  # LTX-Video's layout: the first frame alone, then 8 per latent
+    back = codec.encode(video)
+    assert back.shape == (1, 128, 3, 16, 16)
+    assert float((back - gray).abs().mean()) < 0.02
+    with pytest.raises(ValueError, match="128, T, H, W"):
+        codec.decode(torch.zeros(1, 16, 3, 16, 16))

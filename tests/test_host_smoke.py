@@ -22,8 +22,9 @@ def _prompt(arch="sd15", merge=True, ratio=0.5):
 def test_pack_registers_its_nodes(comfy):
     import nodes
 
-    assert sorted(comfy["pack_nodes"]) == ["ITM_DemoDiTModelLoader", "ITM_DemoModelLoader", "ITM_DemoVideoModelLoader",
-                                           "ITM_ImportanceTokenMerging", "ITM_ImportanceTokenMergingAdvanced",
+    assert sorted(comfy["pack_nodes"]) == ["ITM_DemoDiTModelLoader", "ITM_DemoHunyuanModelLoader",
+                                           "ITM_DemoLTXVModelLoader", "ITM_DemoModelLoader",
+                                           "ITM_DemoVideoModelLoader", "ITM_ImportanceTokenMerging", "ITM_ImportanceTokenMergingAdvanced",
                                            "ITM_MergePreview"]
     for name in comfy["pack_nodes"]:
         assert name in nodes.NODE_CLASS_MAPPINGS

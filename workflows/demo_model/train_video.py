@@ -1,6 +1,8 @@
-"""Train the pack's small video demo model: moving Fashion-MNIST garments on ComfyUI's own WAN 2.1 model class.
+"""Train the pack's small video demo models: moving Fashion-MNIST garments on ComfyUI's own WAN 2.1 (or LTX-Video)
+model class.
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python workflows/demo_model/train_video.py [--minutes 60]
+        [--family wan|ltxv|hunyuan]
 
 * Data: a Fashion-MNIST garment shrunk to 20×20 slides in a straight line over a 32×32 background
   (``fashion_data.moving_clips``), one position per latent frame; the 16 channels of a WAN latent frame all hold
@@ -10,7 +12,18 @@
 * Model: ``supported_models.WAN21_T2V`` → ``model_base.WAN21`` (flow matching, velocity prediction) with the small
   WanModel config ``DEMO_WAN`` (nodes/demo_model.py): 4 blocks of width 128, 4 heads, 3-D RoPE; cross-attention to
   the same learned class embedding table layout as the image demo (10 classes + a null class, dropped 10%).
-* Training: velocity MSE (target noise − x0) at sigmas drawn half uniformly and half through the model's shift-8
+* ``--family ltxv``: ``supported_models.LTXV`` → ``model_base.LTXV`` (flow matching, velocity prediction, Flux-style
+  shift 2.37) with ``DEMO_LTXV``: 4 blocks of width 128, 4 heads, patch size 1, so the clips are pooled 2× to 16×16
+  latent frames (a 512×512, 25-frame ``EmptyLTXVLatentVideo``: 4 latent frames of 256 tokens); all 128 channels hold
+  the frame (LTX-Video's latent format does not rescale); the class embedding is its one text token (mask of ones).
+* ``--family hunyuan``: ``supported_models.HunyuanVideo`` (flow matching, shift 7) with ``DEMO_HUNYUAN``: 2 double-
+  and 2 single-stream blocks of width 128, 4 heads, patch 1×2×2 (32×32 latent frames, 256 tokens each), plain CFG
+  instead of the guidance embedding; every channel holds the frame divided by HunyuanVideo's latent scale; the class
+  embedding is its text token and its pooled vector.
+* ComfyUI's LTX-Video and HunyuanVideo blocks add their updates in place, which autograd refuses for tensors it
+  saved: training keeps a copy of every saved tensor (``torch.autograd.graph.saved_tensors_hooks``), so the blocks
+  run unchanged.
+* Training: velocity MSE (target noise − x0) at sigmas drawn half uniformly and half through the model's own shifted
   schedule (what the samplers visit), AdamW, EMA, fixed wall-clock budget; PyTorch SDPA in fp32 on the CPU.
 """
 from __future__ import annotations
@@ -40,8 +53,10 @@ def main(argv=None):
     parser.add_argument("--save-every", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: budget only)")
-    parser.add_argument("--out", default=os.path.join(HERE, "fashion_wan.safetensors"))
+    parser.add_argument("--family", choices=("wan", "ltxv", "hunyuan"), default="wan", help="model class to train")
+    parser.add_argument("--out", help="weights file (default: fashion_<family>.safetensors next to this script)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, f"fashion_{args.family}.safetensors")
 
     import comfy_harness
 
@@ -55,15 +70,22 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     images, labels = load_images("train")
     demo = comfy_harness.pack_module("nodes.demo_model")
-    patcher = demo.build_wan_patcher(None, load_device=torch.device("cpu"))
+    ltxv = args.family == "ltxv"
+    builder, config, head = {
+        "wan": (demo.build_wan_patcher, demo.DEMO_WAN, "head.head"),
+        "ltxv": (demo.build_ltxv_patcher, demo.DEMO_LTXV, "proj_out"),
+        "hunyuan": (demo.build_hunyuan_patcher, demo.DEMO_HUNYUAN, "final_layer.linear"),
+    }[args.family]
+    patcher = builder(None, load_device=torch.device("cpu"))
     net = patcher.model.diffusion_model
+    sampling = patcher.model.model_sampling
     comfy_harness.init_weights_(net, seed=args.seed)
     for name, param in net.named_parameters():  # start the output head at zero (a velocity of 0 is a safe start)
-        if name.startswith("head.head"):
+        if name.startswith(head):
             torch.nn.init.zeros_(param)
     generator = torch.Generator().manual_seed(args.seed + 1)
     table = torch.nn.Parameter(torch.randn(len(demo.CLASSES) + 1, demo.CONTEXT_DIM, generator=generator) * 0.5)
-    shift = float(patcher.model.model_sampling.shift)
+    shift = float(sampling.shift)
     net.train()
     params = list(net.parameters()) + [table]
     print(f"host {info['host']}; {sum(p.numel() for p in params) / 1e6:.2f}M parameters; budget {args.minutes} min; "  # noqa: T201
@@ -80,17 +102,19 @@ def main(argv=None):
         tensors["class_embedding.weight"] = ema_table.to(torch.float16).contiguous()
         recent = losses[-200:]
         metadata = {
-            "format": "importance-token-merging video demo model v1",
-            "wan_config": json.dumps(demo.DEMO_WAN), "classes": json.dumps(demo.CLASSES),
+            "format": "importance-token-merging video demo model v1" + {
+                "wan": "", "ltxv": " (LTX-Video)", "hunyuan": " (HunyuanVideo)"}[args.family],
+            f"{args.family}_config": json.dumps(config), "classes": json.dumps(demo.CLASSES),
             "context_dim": str(demo.CONTEXT_DIM),
             "data": "moving Fashion-MNIST: train garments (60k, MIT) shrunk to 20x20, sliding -3..3 px per latent "
-                    f"frame on a 32x32 background, {args.frames} latent frames, range [-1, 1] in model space",
+                    f"frame on a 32x32 background{', pooled 2x to 16x16' if ltxv else ''}, {args.frames} latent "
+                    "frames, range [-1, 1] in model space",
             "training": json.dumps({
                 "seed": args.seed, "minutes": args.minutes, "elapsed_minutes": round((time.time() - start) / 60, 1),
                 "final": final, "steps": step, "batch": args.batch, "frames": args.frames, "lr": args.lr,
                 "warmup": args.warmup, "schedule": "cosine to 0.1 over the wall-clock budget",
                 "optimiser": "AdamW wd 0", "cfg_dropout": 0.1, "ema": 0.999,
-                "objective": "velocity MSE (noise - x0); sigma half uniform, half shift-8 uniform timesteps",
+                "objective": f"velocity MSE (noise - x0); sigma half uniform, half through the model's shift {shift}",
                 "loss_last_200": sum(recent) / max(1, len(recent)), "host": info["host"],
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "weights": "EMA, stored as float16"}),
@@ -101,17 +125,29 @@ def main(argv=None):
     while time.time() - start < budget and not (args.max_steps and step >= args.max_steps):
         index = torch.randint(len(images), (args.batch,), generator=generator)
         clips = moving_clips(images[index], args.frames, generator)  # [B, T, 32, 32]
-        x0 = clips[:, None].expand(-1, 16, -1, -1, -1)
+        if ltxv:
+            clips = torch.nn.functional.avg_pool2d(clips, 2)  # patch size 1: 16x16 tokens per latent frame
+        x0 = clips[:, None].expand(-1, 128 if ltxv else 16, -1, -1, -1)
         label = labels[index].clone()
         label[torch.rand(args.batch, generator=generator) < 0.1] = demo.NULL_CLASS
         u = torch.rand(args.batch, generator=generator)
-        shifted = shift * u / (1 + (shift - 1) * u)
+        shifted = sampling.sigma(sampling.timestep(u))  # the model's own shift (WAN: shift * u / (1 + (shift-1) u))
         sigma = torch.where(torch.rand(args.batch, generator=generator) < 0.5, u, shifted).clamp(1e-3, 1.0)
         noise = torch.randn(x0.shape, generator=generator)
         s = sigma[:, None, None, None, None]
         noisy = s * noise + (1 - s) * x0
-        prediction = net(noisy, sigma * 1000.0, context=table[label][:, None, :])
-        loss = torch.nn.functional.mse_loss(prediction, noise - x0)
+        context = table[label][:, None, :]
+        if args.family == "wan":
+            prediction = net(noisy, sampling.timestep(sigma), context=context)
+            loss = torch.nn.functional.mse_loss(prediction, noise - x0)
+        else:  # keep a copy of every tensor autograd saves: these blocks add their updates in place
+            with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t):
+                if ltxv:
+                    prediction = net(noisy, sampling.timestep(sigma), context,
+                                     torch.ones(args.batch, 1, dtype=torch.long), frame_rate=25)
+                else:
+                    prediction = net(noisy, sampling.timestep(sigma), context, y=context[:, 0])
+                loss = torch.nn.functional.mse_loss(prediction, noise - x0)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

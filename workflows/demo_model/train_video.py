@@ -1,5 +1,5 @@
-"""Train the pack's small video demo models: moving Fashion-MNIST garments on ComfyUI's own WAN 2.1 (or LTX-Video)
-model class.
+"""Train the pack's small video demo models: moving Fashion-MNIST garments on ComfyUI's own WAN 2.1, LTX-Video or
+HunyuanVideo model class.
 
     COMFYUI_PATH=../shared/hosts/comfyui-0.14.1 .venv/bin/python workflows/demo_model/train_video.py [--minutes 60]
         [--family wan|ltxv|hunyuan]

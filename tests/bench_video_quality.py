@@ -11,7 +11,8 @@ frames of 16×16 tokens; ``workflows/demo_model/train_video.py``), or with ``--m
 hunyuan`` its HunyuanVideo twin (2 double- + 2 single-stream blocks, 4 latent frames of 16×16 tokens), loaded by the
 pack's own loaders; current ComfyUI only. Clip i asks for class i mod 10 from noise seed offset+i; every method
 samples the same clips with ComfyUI's own sampler (comfy.sample.sample); cond and uncond of a step in one model call
-(``--regime joint``, as :mod:`bench_quality`). Methods as in bench_quality (``itm-cfg:scope=transformer``, ``itm-cfg:cfg1_mode=change``).
+(``--regime joint``, as :mod:`bench_quality`). Methods as in bench_quality (``itm-cfg:scope=transformer``,
+``itm-cfg:cfg1_mode=change``).
 
 Metrics against the unmerged clip of the same seed, on the 4 latent frames in model space (gray, [0, 1]):
 PSNR over the whole clip and SSIM averaged over frames (mean, 95% interval); frame-to-frame consistency tPSNR = PSNR
@@ -40,7 +41,7 @@ def boot_video_demo(weights=None, family="wan"):
     root = (os.environ.get("COMFYUI_PATH") or "").split(os.pathsep)[0] or H.pinned_host_root()
     info = H.boot_with_pack(root, REPO, extra_args=("--use-pytorch-cross-attention",))
     if H.host_kind() != "modern":
-        raise SystemExit("the video demo models need a current ComfyUI (WAN, LTX-Video): set COMFYUI_PATH")
+        raise SystemExit("the video demo models need a current ComfyUI (WAN, LTX-Video, HunyuanVideo): set COMFYUI_PATH")
     import torch
 
     torch.set_grad_enabled(False)

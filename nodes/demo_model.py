@@ -266,8 +266,9 @@ class DemoHunyuanCodec(DemoVideoCodec):
     def _stats(cls, device):
         import comfy.latent_formats  # noqa: PLC0415 (host module)
 
+        shape = (1, cls.latent_channels, 1, 1, 1)
         scale = float(comfy.latent_formats.HunyuanVideo.scale_factor)
-        return (torch.zeros(1, 16, 1, 1, 1, device=device), torch.full((1, 16, 1, 1, 1), 1.0 / scale, device=device))
+        return torch.zeros(shape, device=device), torch.full(shape, 1.0 / scale, device=device)
 
 
 def read_weights(path: str = WEIGHTS):

@@ -65,6 +65,19 @@ class ChainedOverride:
         return self._call(func, merged + rest, dict(kwargs, mask=addend))
 
 
+class ChainedBlock:
+    """Base of the DiT adapters' block replacements (``patches_replace["dit"]``, ``scope = transformer``): another
+    node's replacement of the same block, set before this node, is kept and called with the merged tokens."""
+
+    def __init__(self, previous=None) -> None:
+        self.previous = previous  # another node's replacement of this block: called with the merged tokens
+
+    def _run_block(self, args: dict, extra: dict) -> dict:
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)
+
+
 # ComfyUI kernels that drop (sage: sageattn ignores attn_mask) or refuse (flash: falls back to SDPA with a warning
 # per call) an attention mask: proportional attention is skipped there on GPUs, with a note
 MASKLESS_KERNELS = ("attention_sage", "attention3_sage", "attention_flash")

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from ..merging import TokenGrid, log_slot_sizes
-from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
+from .dit import OVERRIDE, ChainedBlock, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
 from .runtime import KEY, LevelMerge, attach, runtime_of
 from .settings import MergeSettings
 
@@ -259,20 +259,18 @@ def _key_bias(part, start: int, length: int) -> torch.Tensor:
                       sizes.new_zeros(sizes.shape[0], length - start - sizes.shape[1])], dim=1)
 
 
-class BlockMerge:
+class BlockMerge(ChainedBlock):
     """``patches_replace["dit"]`` for a double or single block (``scope = transformer``): the block runs on the merged
     image tokens (text and reference tokens unmerged), and every image token adds its slot's update to its input."""
 
     def __init__(self, kind: str, previous=None, index: Optional[int] = None) -> None:
+        super().__init__(previous)
         self.kind = kind  # "double_block" or "single_block"
         self.index = index  # the block's index (SD3 does not put it in transformer_options)
-        self.previous = previous  # another node's replacement of this block: called with the merged tokens
 
     def __call__(self, args: dict, extra: dict) -> dict:
         def run_block(block_args):
-            if self.previous is not None:
-                return self.previous(block_args, extra)
-            return extra["original_block"](block_args)
+            return self._run_block(block_args, extra)
 
         options = args.get("transformer_options") or {}
         runtime = runtime_of(options)

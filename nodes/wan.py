@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..merging import TokenGrid, log_slot_sizes
-from .dit import OVERRIDE, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
+from .dit import OVERRIDE, ChainedBlock, ChainedOverride, VideoDiTRuntime, has_attention_override, remove_patches
 from .runtime import LevelMerge, attach, runtime_of
 from .settings import VIDEO_WEIGHTING, MergeSettings
 
@@ -108,21 +108,16 @@ class SelfAttentionOverride(ChainedOverride):
         return part.unmerge(out)
 
 
-class BlockMerge:
+class BlockMerge(ChainedBlock):
     """``patches_replace["dit"][("double_block", i)]`` (``scope = transformer``): the whole block (self-attention,
     cross-attention, FFN) runs on the merged image tokens, and every token adds its slot's update to its own input:
     ``x + unmerge(block(merge(x)) - merge(x))``. RoPE frequencies and per-token modulation (WAN 2.2 5B) travel with the
     tokens (each slot takes its kept token's); per-frame modulation needs nothing, since slots stay in frame order
     (with ``video_tokens = across_frames`` it is spread over the tokens first, then gathered like per-token data)."""
 
-    def __init__(self, previous=None) -> None:
-        self.previous = previous  # another node's replacement of this block: called with the merged tokens
-
     def __call__(self, args: dict, extra: dict) -> dict:
         def run_block(block_args):
-            if self.previous is not None:
-                return self.previous(block_args, extra)
-            return extra["original_block"](block_args)
+            return self._run_block(block_args, extra)
 
         options = args.get("transformer_options") or {}
         runtime = runtime_of(options)

@@ -74,12 +74,25 @@ def generate(model, table, vae, classes, seeds, args):
         if args.model == "hunyuan":  # the class embedding is also HunyuanVideo's pooled vector
             positive[0][1]["pooled_output"] = positive[0][0][:, 0].clone()
             negative[0][1]["pooled_output"] = negative[0][0][:, 0].clone()
-        samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive,
+        sigmas = ltxv_sigmas(args.steps, noise) if args.scheduler == "ltxv" else None
+        scheduler = "simple" if sigmas is not None else args.scheduler
+        samples = comfy.sample.sample(model, noise, args.steps, args.cfg, args.sampler, scheduler, positive,
                                       negative, torch.zeros_like(noise), denoise=1.0, disable_pbar=True,
-                                      seed=int(seeds[start]))
+                                      seed=int(seeds[start]), sigmas=sigmas)
         gray = ((samples.cpu().float() - mean) / std).mean(dim=1)
         out.append(((gray + 1) / 2).clamp(0, 1))
     return torch.cat(out)
+
+
+def ltxv_sigmas(steps, noise):
+    """The sigmas of ComfyUI's LTXVScheduler node with its defaults (shift from the latent's token count, stretched to
+    a terminal sigma of 0.1), as LTX-Video workflows sample."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS["LTXVScheduler"]
+    result = cls.execute(steps=steps, max_shift=2.05, base_shift=0.95, stretch=True, terminal=0.1,
+                         latent={"samples": noise})
+    return (result.result if hasattr(result, "result") else result)[0]
 
 
 def clip_metrics(clips, reference, metrics):
@@ -100,7 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--scheduler", default="simple")
+    parser.add_argument("--scheduler", default="simple",
+                        help="a KSampler scheduler, or ltxv: the sigmas of ComfyUI's LTXVScheduler node (its defaults)")
     parser.add_argument("--frames", type=int, default=4, help="latent frames (4 = 13 video frames)")
     parser.add_argument("--chunk", type=int, default=8, help="clips per sampler call")
     parser.add_argument("--regime", choices=("joint", "split", "auto"), default="joint")

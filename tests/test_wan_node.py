@@ -167,6 +167,37 @@ def test_scope_transformer_runs_whole_blocks_on_merged_tokens(comfy):
     assert run.tokens == {0: (36, 18)} and run.merged_calls == 4 * 2 and run.fallbacks == []
 
 
+def test_scope_transformer_keeps_another_nodes_block_replacement(comfy):
+    """A block replacement set before this node (another pack's) is called inside ours, on the merged tokens, when a
+    real KSampler runs; applying the node again (a re-queued graph) keeps it chained once, and the plain node's
+    attention scope puts it back unchanged."""
+    import comfy.sample
+
+    wan = H.pack_module("nodes.wan")
+    node = node_classes()["ITM_ImportanceTokenMerging"]()
+    model, positive, negative = H.tiny_wan_model(seed=0)
+    seen = []
+
+    def other(args, extra):  # another node's replacement of block 0: records the tokens it gets
+        seen.append(args["img"].shape[1])
+        return extra["original_block"](args)
+
+    base = model.clone()
+    base.set_model_patch_replace(other, "dit", "double_block", 0)
+    (first,) = node.patch(base, **dict(SIMPLE, scope="transformer"))
+    (again,) = node.patch(first, **dict(SIMPLE, scope="transformer", ratio=0.25))
+    blocks = again.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert isinstance(blocks[("double_block", 0)], wan.BlockMerge) and blocks[("double_block", 0)].previous is other
+    assert isinstance(blocks[("double_block", 1)], wan.BlockMerge) and blocks[("double_block", 1)].previous is None
+    noise = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(0))
+    out = comfy.sample.sample(again, noise, 2, 5.0, "euler", "normal", positive, negative, torch.zeros_like(noise),
+                              disable_pbar=True, seed=0)
+    assert torch.isfinite(out).all()
+    assert seen == [27, 27]  # 2 steps, cond + uncond in one call: 36 tokens, 3 frames x 3 of 12 merged at 0.25
+    (back,) = node.patch(again, **SIMPLE)
+    assert back.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)] is other
+
+
 def test_scope_transformer_with_per_token_data_gathers_it(comfy):
     """The block replacement gathers per-token tensors (RoPE freqs [1, L, ...], per-token modulation [B, L, 6, D])."""
     wan = H.pack_module("nodes.wan")

@@ -269,14 +269,11 @@ class BlockMerge(ChainedBlock):
         self.index = index  # the block's index (SD3 does not put it in transformer_options)
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        def run_block(block_args):
-            return self._run_block(block_args, extra)
-
         options = args.get("transformer_options") or {}
         runtime = runtime_of(options)
         x = args.get("img")
         if not isinstance(runtime, JointRuntime) or runtime.grid is None or not isinstance(x, torch.Tensor):
-            return run_block(args)
+            return self._run_block(args, extra)
         image = runtime.grid.num_tokens
         start = runtime.image_start(x.shape[1])  # double blocks: the image stream; single blocks: after the text
         end = start + image
@@ -284,10 +281,10 @@ class BlockMerge(ChainedBlock):
         if self.kind == "double_block" and head is not None and 0 <= start != head:
             runtime.note("stream", "the image stream has %d tokens where %d image + %d reference tokens were expected "
                          "(another node added tokens?); left unmerged", x.shape[1], image, runtime.tail)
-            return run_block(args)
+            return self._run_block(args, extra)
         plan = runtime.plan(x.shape[1], lambda: x[:, start:end], options, "block", self.index) if start >= 0 else None
         if plan is None:
-            return run_block(args)
+            return self._run_block(args, extra)
         part = plan.partition
         kept = part.sizes.num_kept
         block_args = dict(args)
@@ -295,17 +292,17 @@ class BlockMerge(ChainedBlock):
             if args.get(key) is not None:
                 usable, block_args[key] = _mask_for(args[key], kept, runtime)
                 if not usable:
-                    return run_block(args)
+                    return self._run_block(args, extra)
         dims_key = "modulation_dims_img" if self.kind == "double_block" else "modulation_dims"
         if args.get(dims_key):
             block_args[dims_key] = _merged_dims(args[dims_key], part, runtime, offset=start)
             if block_args[dims_key] is False:
-                return run_block(args)
+                return self._run_block(args, extra)
         img = x[:, start:end]
         merged = part.merge(img, plan.mode)
         block_args["img"] = torch.cat([x[:, :start], merged, x[:, end:]], dim=1)
         block_args.update(runtime.block_data(args, plan))
-        out = run_block(block_args)
+        out = self._run_block(block_args, extra)
         runtime.run.summary.merged_calls += 1
         result = out["img"]
         restored = img + part.unmerge(result[:, start:start + kept] - merged)

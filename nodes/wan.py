@@ -116,15 +116,12 @@ class BlockMerge(ChainedBlock):
     (with ``video_tokens = across_frames`` it is spread over the tokens first, then gathered like per-token data)."""
 
     def __call__(self, args: dict, extra: dict) -> dict:
-        def run_block(block_args):
-            return self._run_block(block_args, extra)
-
         options = args.get("transformer_options") or {}
         runtime = runtime_of(options)
         x = args.get("img")
         plan = runtime.plan_block(x, options) if isinstance(runtime, WanRuntime) and x is not None else None
         if plan is None:
-            return run_block(args)
+            return self._run_block(args, extra)
         part = plan.partition
         merged = part.merge(x, plan.mode)
         block_args = dict(args, img=merged)
@@ -146,7 +143,7 @@ class BlockMerge(ChainedBlock):
                 spread = value.repeat_interleave(x.shape[1] // frames, dim=1) if per_frame else value
                 cache[key] = (value, part.gather(spread))
             block_args[name] = cache[key][1]
-        out = run_block(block_args)
+        out = self._run_block(block_args, extra)
         runtime.run.summary.merged_calls += 1
         return dict(out, img=x + part.unmerge(out["img"] - merged))
 
